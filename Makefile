@@ -1,0 +1,17 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+.PHONY: venv demo test services bench
+
+venv:
+	@bash scripts/bootstrap.sh
+
+demo: venv
+	.venv/bin/d2v demo speech
+
+services:
+	@bash scripts/install-test-services.sh
+
+test: venv services
+	.venv/bin/python -m pytest
+
+bench: venv
+	.venv/bin/python benchmarks/run_all.py
