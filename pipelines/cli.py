@@ -1,0 +1,128 @@
+"""`d2v data ...`: build, inspect and verify datasets."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from pipelines.plan import ShardSize
+from pipelines.storage import Location
+
+COMMON_HELP = "common options: --workers N | --scheduler ADDR, --shard-size, --mask-variants K, --seed N"
+
+
+def add_parser(subparsers) -> None:
+    data = subparsers.add_parser("data", help="build, inspect and verify sharded datasets")
+    commands = data.add_subparsers(dest="data_command", required=True)
+
+    build = commands.add_parser("build", help="build WebDataset shards from a corpus", description=COMMON_HELP)
+    sources = build.add_subparsers(dest="source", required=True)
+
+    speech = sources.add_parser("librispeech", help="LibriSpeech FLAC + transcripts")
+    speech.add_argument("src", help="folder (any fsspec URL) holding the subset folders, or its parent")
+    speech.add_argument("out", help="output URL (local folder, s3://bucket/prefix, memory://...)")
+    speech.add_argument("--subsets", required=True, help="comma-separated, e.g. train-clean-100,dev-clean")
+    speech.add_argument("--mask-prob", type=float, default=0.65)
+    speech.add_argument("--mask-length", type=int, default=10)
+    _common(speech)
+
+    vision = sources.add_parser("imagenet", help="ImageNet (ILSVRC CLS-LOC or ImageFolder)")
+    vision.add_argument("src", help="folder holding ILSVRC/ and the LOC_* files, or an ImageFolder root")
+    vision.add_argument("out")
+    vision.add_argument("--splits", default="train,val")
+    vision.add_argument("--resize-shorter", type=int, default=None,
+                        help="downscale so the shorter side is at most N pixels (stored as JPEG)")
+    vision.add_argument("--mask-kind", choices=["block", "inverse_block"], default="block",
+                        help="block: BEiT (data2vec); inverse_block: data2vec 2.0")
+    vision.add_argument("--image-size", type=int, default=224)
+    vision.add_argument("--patch-size", type=int, default=16)
+    _common(vision)
+
+    text = sources.add_parser("text", help="raw UTF-8 text (one paragraph per line, blank line between documents)")
+    text.add_argument("paths", nargs="+", metavar="FILE... OUT", help="input files (any fsspec URL), then the output URL")
+    vocab = text.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab-size", type=int, default=None, help="train a byte-level BPE of this size on the corpus")
+    vocab.add_argument("--tokenizer", default=None, help="folder with vocab.json + merges.txt (or tokenizer.json)")
+    text.add_argument("--block-size", type=int, default=512)
+    text.add_argument("--valid-fraction", type=float, default=0.01)
+    text.add_argument("--mask-prob", type=float, default=0.15)
+    text.add_argument("--mask-span", type=int, default=1, help="1: BERT masking; >1: spans of this many tokens")
+    _common(text)
+
+    inspect = commands.add_parser("inspect", help="summarise a built dataset")
+    inspect.add_argument("url")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object")
+
+    verify = commands.add_parser("verify", help="re-read every shard and check it against dataset.json")
+    verify.add_argument("url")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, default=None,
+                       help="local Dask cluster size (default: CPU count; 0 = run in this process)")
+    where.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://host:8786")
+    parser.add_argument("--shard-size", default="256MB", help="bytes of source data (256MB) or samples (1000) per shard")
+    parser.add_argument("--mask-variants", type=int, default=4, help="independent mask variants stored per sample")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--storage-options", default=None,
+                        help="JSON of fsspec options for SRC and OUT (credentials belong in the environment)")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.data_command == "build":
+        return _build(args)
+    if args.data_command == "inspect":
+        from pipelines.inspection import format_summary, read_dataset, summary
+
+        location = Location(args.url)
+        dataset, _, _ = read_dataset(location)
+        info = summary(dataset, location.public_url())
+        print(json.dumps(info, indent=2) if args.json else format_summary(info))
+        return 0
+    if args.data_command == "verify":
+        from pipelines.inspection import verify
+
+        report = verify(Location(args.url))
+        if not report.ok:
+            shard, problem = report.broken[0]
+            print(f"BROKEN {shard}: {problem}", file=sys.stderr)
+            return 1
+        print(f"OK: {report.shards} shards, {report.samples} samples verified")
+        return 0
+    raise AssertionError(args.data_command)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from pipelines.build import BuildOptions, build_dataset
+
+    options = json.loads(args.storage_options) if args.storage_options else {}
+    build_options = BuildOptions(ShardSize.parse(args.shard_size), args.mask_variants, args.seed)
+    if args.source == "librispeech":
+        from pipelines.sources.librispeech import LibriSpeechSource
+
+        subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
+        if not subsets:
+            raise ValueError("--subsets: name at least one subset, e.g. train-clean-100")
+        source = LibriSpeechSource(Location(args.src, options), subsets, args.mask_prob, args.mask_length)
+        out = args.out
+    elif args.source == "imagenet":
+        from pipelines.sources.imagenet import ImageNetSource
+
+        splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+        source = ImageNetSource(Location(args.src, options), splits, resize_shorter=args.resize_shorter,
+                                mask_kind=args.mask_kind, image_size=args.image_size, patch_size=args.patch_size)
+        out = args.out
+    else:
+        from pipelines.sources.text import TextSource
+
+        if len(args.paths) < 2:
+            raise ValueError("d2v data build text: give at least one input FILE and then OUT")
+        *files, out = args.paths
+        source = TextSource.create(
+            tuple(Location(f, options) for f in files), vocab_size=args.vocab_size, tokenizer_dir=args.tokenizer,
+            block_size=args.block_size, valid_fraction=args.valid_fraction, mask_prob=args.mask_prob,
+            mask_span=args.mask_span, seed=args.seed,
+        )
+    build_dataset(source, Location(out, options), build_options, workers=args.workers, scheduler=args.scheduler)
+    return 0

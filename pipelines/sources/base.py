@@ -1,0 +1,92 @@
+"""What every corpus source supplies to the shard builder.
+
+A source scans a corpus root into a manifest (plus rejects) and encodes one manifest row into
+the members of a sample. The builder does the rest (plan, masks, tar, index, publish, commit).
+Sources are plain picklable objects: Dask ships them to the workers.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+
+from pipelines.storage import Location
+from schemas.arrow import DATA_SUFFIX, manifest_schema
+
+
+@dataclass(frozen=True)
+class Reject:
+    id: str
+    split: str | None
+    path: str | None
+    stage: str  # "scan" or "build"
+    reason: str  # short code, e.g. "wrong_sample_rate"
+    detail: str  # a sentence a person can act on
+
+    def to_row(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Encoded:
+    """One accepted sample, before masks: its data member, its JSON metadata and index fields."""
+
+    key: str
+    data: bytes
+    meta: dict
+    mask_length: int
+    index: dict  # the modality's extra index columns
+    seconds: float = 0.0
+    tokens: int = 0
+    counts: dict[str, int] = field(default_factory=dict)  # e.g. {"converted": 1}
+
+
+@dataclass
+class ScanResult:
+    manifest: pa.Table
+    rejects: list[Reject]
+
+
+class Source(ABC):
+    modality: str
+    location: Location
+
+    @property
+    def data_suffix(self) -> str:
+        return DATA_SUFFIX[self.modality]
+
+    def empty_manifest(self) -> pa.Table:
+        return manifest_schema(self.modality).empty_table()
+
+    def manifest_table(self, rows: list[dict]) -> pa.Table:
+        schema = manifest_schema(self.modality)
+        return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
+
+    @abstractmethod
+    def scan(self, runner) -> ScanResult:
+        """List the corpus into manifest rows and scan-time rejects."""
+
+    @abstractmethod
+    def encode(self, fs, root: str, row: dict) -> Encoded | Reject:
+        """Read and validate one item; return its sample or why it cannot be used."""
+
+    @abstractmethod
+    def build_params(self) -> dict:
+        """Every source option that shapes the shards' bytes (recorded in dataset.json)."""
+
+    @abstractmethod
+    def mask_spec(self) -> tuple[str, dict]:
+        """(mask kind, parameters) for pipelines.masking.mask_variants."""
+
+    def dataset_fields(self) -> dict:
+        """Modality fields of dataset.json (frame grid, classes, tokenizer, ...)."""
+        return {}
+
+    def extra_files(self) -> dict[str, bytes]:
+        """Files committed beside the shards (e.g. the tokenizer), path -> bytes."""
+        return {}
+
+    def counts(self, manifest: pa.Table) -> dict[str, int]:
+        """Notable accepted items known at scan time (builds may add to them)."""
+        return {}

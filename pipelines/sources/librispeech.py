@@ -1,0 +1,202 @@
+"""LibriSpeech: `SUBSET/SPEAKER/CHAPTER/SPEAKER-CHAPTER-UTT.flac` + `SPEAKER-CHAPTER.trans.txt`.
+
+16 kHz mono FLAC; transcripts upper-case, one `UTT-ID TEXT` line per utterance. Durations come
+from the FLAC headers at scan time; every file is fully decoded at build time, so a truncated
+file is caught before it reaches a shard. The FLAC bytes are stored unchanged.
+Audio without a transcript is kept (pre-training needs no labels) with a null transcript and is
+counted as `untranscribed`; a transcript line without audio is rejected as `missing_audio`.
+"""
+from __future__ import annotations
+
+import io
+import posixpath
+import re
+from dataclasses import dataclass, field
+
+import soundfile
+
+from pipelines.sources.base import Encoded, Reject, ScanResult, Source
+from pipelines.storage import Location, StorageError, check_readable, is_local
+from schemas import FrameGrid
+
+SAMPLE_RATE = 16000
+_UTT = re.compile(r"^(\d+)-(\d+)-(\d+)$")
+
+
+@dataclass(frozen=True)
+class _Chapter:
+    subset: str
+    speaker: str
+    chapter: str
+    flacs: tuple[tuple[str, int], ...]  # (path relative to the given root, bytes)
+    transcript: str | None  # path of SPEAKER-CHAPTER.trans.txt relative to the given root
+
+
+@dataclass(frozen=True)
+class LibriSpeechSource(Source):
+    location: Location
+    subsets: tuple[str, ...]
+    mask_prob: float = 0.65
+    mask_length: int = 10
+    frame_grid: FrameGrid = field(default_factory=FrameGrid)
+    modality: str = "speech"
+
+    def build_params(self) -> dict:
+        return {"subsets": list(self.subsets), "sample_rate": SAMPLE_RATE, "frame_grid": self.frame_grid.model_dump(mode="json")}
+
+    def mask_spec(self) -> tuple[str, dict]:
+        return "span", {"mask_prob": self.mask_prob, "mask_length": self.mask_length}
+
+    def dataset_fields(self) -> dict:
+        return {"frame_grid": self.frame_grid}
+
+    # -- scan ---------------------------------------------------------------------------------
+    def scan(self, runner) -> ScanResult:
+        fs, given_root = check_readable(self.location)
+        root = _corpus_root(fs, given_root)
+        available = sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(root, detail=True) if e["type"] == "directory")
+        missing = [s for s in self.subsets if s not in available]
+        if missing:
+            raise StorageError(
+                f"subset(s) {', '.join(missing)} not found under {self.location.public_url()} "
+                f"(found: {', '.join(available) or 'nothing'})"
+            )
+        chapters: list[_Chapter] = []
+        for subset in self.subsets:
+            chapters.extend(_list_chapters(fs, given_root, root, subset))
+        results = runner.map(_scan_chapter, chapters, location=self.location)
+        rows = [row for chapter_rows, _ in results for row in chapter_rows]
+        rejects = [reject for _, chapter_rejects in results for reject in chapter_rejects]
+        return ScanResult(self.manifest_table(rows), rejects)
+
+    # -- build --------------------------------------------------------------------------------
+    def encode(self, fs, root: str, row: dict) -> Encoded | Reject:
+        path = posixpath.join(root, row["path"])
+        try:
+            data = fs.cat_file(path)
+        except Exception as exc:  # noqa: BLE001
+            return _reject(row, "build", "unreadable_file", f"cannot read {row['path']}: {exc}")
+        if not data:
+            return _reject(row, "build", "empty_audio", f"{row['path']} is empty (0 bytes)")
+        try:
+            audio, rate = soundfile.read(io.BytesIO(data), dtype="int16", always_2d=True)
+        except Exception as exc:  # noqa: BLE001 - libsndfile reports corrupt data in many ways
+            return _reject(row, "build", "truncated_audio", f"{row['path']} cannot be decoded: {exc}")
+        frames, channels = audio.shape
+        if rate != SAMPLE_RATE:
+            return _reject(row, "build", "wrong_sample_rate", f"{row['path']} is {rate} Hz, expected {SAMPLE_RATE} Hz")
+        if channels != 1:
+            return _reject(row, "build", "wrong_channels", f"{row['path']} has {channels} channels, expected mono")
+        if frames != row["num_samples"]:
+            return _reject(row, "build", "truncated_audio",
+                           f"{row['path']} decodes to {frames} samples but its header says {row['num_samples']}")
+        mask_length = self.frame_grid.frames(frames)
+        meta = {
+            "key": row["id"], "split": row["split"], "speaker": row["speaker"], "chapter": row["chapter"],
+            "transcript": row["transcript"], "num_samples": frames, "sample_rate": rate,
+        }
+        index = {"num_samples": frames, "speaker": row["speaker"], "chapter": row["chapter"], "transcript": row["transcript"]}
+        counts = {"untranscribed": 1} if row["transcript"] is None else {}
+        return Encoded(row["id"], data, meta, mask_length, index, seconds=frames / SAMPLE_RATE, counts=counts)
+
+
+def _corpus_root(fs, root: str) -> str:
+    """Accept the folder holding the subsets, or its parent holding `LibriSpeech/`."""
+    nested = posixpath.join(root, "LibriSpeech")
+    if posixpath.basename(root.rstrip("/")) != "LibriSpeech" and fs.isdir(nested):
+        return nested
+    return root
+
+
+def _list_chapters(fs, given_root: str, root: str, subset: str) -> list[_Chapter]:
+    """Chapters of a subset from one recursive listing (cheap on object stores)."""
+    found = fs.find(posixpath.join(root, subset), detail=True)
+    folders: dict[tuple[str, str], dict] = {}
+    for path, info in sorted(found.items()):
+        relative = posixpath.relpath(path, given_root)
+        parts = posixpath.relpath(path, root).split("/")
+        if len(parts) != 4:
+            continue  # README/LICENSE files of the distribution, not utterances
+        _, speaker, chapter, name = parts
+        entry = folders.setdefault((speaker, chapter), {"flacs": [], "transcript": None})
+        if name.endswith(".flac"):
+            entry["flacs"].append((relative, int(info.get("size") or 0)))
+        elif name == f"{speaker}-{chapter}.trans.txt":
+            entry["transcript"] = relative
+    return [
+        _Chapter(subset, speaker, chapter, tuple(entry["flacs"]), entry["transcript"])
+        for (speaker, chapter), entry in sorted(folders.items())
+    ]
+
+
+def _reject(row: dict, stage: str, reason: str, detail: str) -> Reject:
+    return Reject(row["id"], row["split"], row["path"], stage, reason, detail)
+
+
+def _read_transcripts(fs, root: str, chapter: _Chapter) -> tuple[dict[str, str], list[Reject]]:
+    if chapter.transcript is None:
+        return {}, []
+    text = fs.cat_file(posixpath.join(root, chapter.transcript))
+    try:
+        lines = text.decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        return {}, [Reject(f"{chapter.speaker}-{chapter.chapter}", chapter.subset, chapter.transcript, "scan",
+                           "bad_transcript", f"{chapter.transcript} is not UTF-8: {exc}")]
+    transcripts: dict[str, str] = {}
+    for line in lines:
+        if not line.strip():
+            continue
+        utt, _, words = line.strip().partition(" ")
+        transcripts[utt] = words.strip()
+    return transcripts, []
+
+
+def _scan_chapter(chapter: _Chapter, location: Location) -> tuple[list[dict], list[Reject]]:
+    """Headers and transcripts of one chapter folder: manifest rows and rejects."""
+    fs, root = location.filesystem()
+    transcripts, rejects = _read_transcripts(fs, root, chapter)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    for relative, size in chapter.flacs:
+        utt = posixpath.basename(relative)[: -len(".flac")]
+        seen.add(utt)
+        base = {"id": utt, "split": chapter.subset, "path": relative}
+        match = _UTT.match(utt)
+        if not match or match.group(1) != chapter.speaker or match.group(2) != chapter.chapter:
+            rejects.append(_reject(base, "scan", "bad_name",
+                                   f"{relative}: expected {chapter.speaker}-{chapter.chapter}-NNNN.flac"))
+            continue
+        if size == 0:
+            rejects.append(_reject(base, "scan", "empty_audio", f"{relative} is empty (0 bytes)"))
+            continue
+        try:
+            info = _header(fs, posixpath.join(root, relative))
+        except Exception as exc:  # noqa: BLE001
+            rejects.append(_reject(base, "scan", "undecodable_audio", f"{relative} has no readable FLAC header: {exc}"))
+            continue
+        if info.samplerate != SAMPLE_RATE:
+            rejects.append(_reject(base, "scan", "wrong_sample_rate",
+                                   f"{relative} is {info.samplerate} Hz, expected {SAMPLE_RATE} Hz"))
+            continue
+        if info.channels != 1:
+            rejects.append(_reject(base, "scan", "wrong_channels", f"{relative} has {info.channels} channels, expected mono"))
+            continue
+        if FrameGrid().frames(info.frames) < 1:
+            rejects.append(_reject(base, "scan", "too_short", f"{relative} has {info.frames} samples: too short for one frame"))
+            continue
+        rows.append({
+            **base, "bytes": size, "num_samples": int(info.frames), "sample_rate": info.samplerate,
+            "channels": info.channels, "speaker": chapter.speaker, "chapter": chapter.chapter,
+            "transcript": transcripts.get(utt),
+        })
+    for utt in sorted(set(transcripts) - seen):
+        rejects.append(Reject(utt, chapter.subset, chapter.transcript, "scan", "missing_audio",
+                              f"{chapter.transcript} has a line for {utt} but {utt}.flac does not exist"))
+    return rows, rejects
+
+
+def _header(fs, path: str):
+    if is_local(fs):
+        return soundfile.info(path)
+    with fs.open(path, "rb", block_size=64 * 1024) as f:
+        return soundfile.info(f)

@@ -1,0 +1,146 @@
+"""fsspec access to corpora and outputs: one place for URLs, atomic publish and write checks.
+
+Credentials and endpoints come from the standard places (AWS_* variables, ~/.aws, fsspec's
+FSSPEC_<PROTOCOL>_<OPTION> variables); they are never part of what d2v prints or records.
+"""
+from __future__ import annotations
+
+import os
+import posixpath
+import uuid
+from dataclasses import dataclass, field
+from urllib.parse import urlsplit, urlunsplit
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StorageError(OSError):
+    """A URL that cannot be read or written, with the reason in words."""
+
+
+# Fail fast on an unreachable object store instead of botocore's minute-long retry loop.
+_S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}}}
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder-like place on any fsspec filesystem; picklable, so Dask tasks can carry it."""
+
+    url: str
+    storage_options: dict = field(default_factory=dict)
+
+    @property
+    def protocol(self) -> str:
+        return fsspec.core.split_protocol(self.url)[0] or "file"
+
+    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
+        options = dict(self.storage_options)
+        if self.protocol in ("s3", "s3a"):
+            for key, value in _S3_DEFAULTS.items():
+                options.setdefault(key, value)
+        fs, root = fsspec.core.url_to_fs(self.url, **options)
+        return fs, root.rstrip("/") if root not in ("/", "") else root
+
+    def child(self, *parts: str) -> "Location":
+        return Location(self.url.rstrip("/") + "/" + "/".join(parts), self.storage_options)
+
+    def public_url(self) -> str:
+        return redact(self.url)
+
+
+def redact(url: str) -> str:
+    """The URL without user:password, for logs and dataset.json."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host += f":{parts.port}"
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return url
+
+
+def join(root: str, *parts: str) -> str:
+    return posixpath.join(root, *parts) if root else posixpath.join(*parts)
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Publish `data` at `path` so that readers see either nothing or the whole object.
+
+    Local disks: a temporary file in the destination folder, fsync, rename. Object stores make a
+    PUT (or a completed multipart upload) visible at once, so a single put is already atomic.
+    """
+    if is_local(fs):
+        folder = os.path.dirname(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{os.path.basename(path)}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return
+    parent = posixpath.dirname(path)
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    fs.pipe_file(path, data)
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    try:
+        return fs.exists(path)
+    except FileNotFoundError:
+        return False
+
+
+def size_or_none(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
+    try:
+        return int(fs.size(path))
+    except (FileNotFoundError, OSError):
+        return None
+
+
+def check_writable(location: Location) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Open the output and prove it can be written, before any work is done."""
+    try:
+        fs, root = location.filesystem()
+    except Exception as exc:  # noqa: BLE001 - any backend error means the same to the user
+        raise StorageError(f"cannot open output {location.public_url()}: {_describe(exc)}") from exc
+    probe = join(root, f".d2v-write-check-{uuid.uuid4().hex}")
+    try:
+        if is_local(fs):
+            os.makedirs(root, exist_ok=True)
+        write_atomic(fs, probe, b"ok")
+        if fs.cat_file(probe) != b"ok":
+            raise StorageError("a written test object read back different bytes")
+        fs.rm_file(probe)
+    except StorageError:
+        raise
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot write to output {location.public_url()}: {_describe(exc)}") from exc
+    return fs, root
+
+
+def check_readable(location: Location) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Open a corpus root and check it exists, with a clear error otherwise."""
+    try:
+        fs, root = location.filesystem()
+        found = fs.isdir(root)
+    except Exception as exc:  # noqa: BLE001
+        raise StorageError(f"cannot read source {location.public_url()}: {_describe(exc)}") from exc
+    if not found:
+        raise StorageError(f"source {location.public_url()} does not exist or is not a folder")
+    return fs, root
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if type(exc).__name__ not in text else text

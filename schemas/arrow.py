@@ -1,0 +1,115 @@
+"""Arrow schemas of the tables the shard builder commits.
+
+- source manifest (`manifest.parquet`): one row per usable source item, as scanned.
+- shard index (`index/{split}-{NNNNNN}.parquet`): one row per sample in the tar, with the byte
+  offsets and sizes of its members so a reader can plan and fetch with ranged reads.
+- rejects (`rejects.parquet`): one row per source item that could not be used, with the reason.
+
+For text, a source item is a token block of a document (a document yields one or more blocks);
+a rejected document counts as one item.
+"""
+from __future__ import annotations
+
+import pyarrow as pa
+
+MODALITIES = ("speech", "vision", "text")
+
+# The data member of each sample, by modality (the tar member is `{key}.{suffix}`).
+DATA_SUFFIX = {"speech": "flac", "vision": "jpg", "text": "tokens.npy"}
+JSON_SUFFIX = "json"
+MASK_SUFFIX = "mask.npy"
+
+_MANIFEST_COMMON = [
+    pa.field("id", pa.string(), nullable=False),
+    pa.field("split", pa.string(), nullable=False),
+    pa.field("path", pa.string(), nullable=False),
+    pa.field("bytes", pa.int64(), nullable=False),
+]
+
+_MANIFEST_EXTRA = {
+    "speech": [
+        pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("sample_rate", pa.int32(), nullable=False),
+        pa.field("channels", pa.int32(), nullable=False),
+        pa.field("speaker", pa.string()),
+        pa.field("chapter", pa.string()),
+        pa.field("transcript", pa.string()),
+    ],
+    "vision": [
+        pa.field("wnid", pa.string(), nullable=False),
+        pa.field("label", pa.int32(), nullable=False),
+    ],
+    "text": [
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("block", pa.int32(), nullable=False),
+        pa.field("doc_offset", pa.int64(), nullable=False),
+        pa.field("doc_bytes", pa.int64(), nullable=False),
+        pa.field("token_start", pa.int32(), nullable=False),
+        pa.field("num_tokens", pa.int32(), nullable=False),
+    ],
+}
+
+_INDEX_COMMON = [
+    pa.field("key", pa.string(), nullable=False),
+    # The whole sample (first header through last member's padded data): one ranged read.
+    pa.field("sample_offset", pa.int64(), nullable=False),
+    pa.field("sample_bytes", pa.int64(), nullable=False),
+    pa.field("data_offset", pa.int64(), nullable=False),
+    pa.field("data_bytes", pa.int64(), nullable=False),
+    pa.field("json_offset", pa.int64(), nullable=False),
+    pa.field("json_bytes", pa.int64(), nullable=False),
+    pa.field("mask_offset", pa.int64(), nullable=False),
+    pa.field("mask_bytes", pa.int64(), nullable=False),
+    # Mask length T: frames (speech), patches (vision) or tokens (text).
+    pa.field("mask_length", pa.int32(), nullable=False),
+]
+
+_INDEX_EXTRA = {
+    "speech": [
+        pa.field("num_samples", pa.int64(), nullable=False),
+        pa.field("speaker", pa.string()),
+        pa.field("chapter", pa.string()),
+        pa.field("transcript", pa.string()),
+    ],
+    "vision": [
+        pa.field("label", pa.int32(), nullable=False),
+        pa.field("wnid", pa.string(), nullable=False),
+        pa.field("width", pa.int32(), nullable=False),
+        pa.field("height", pa.int32(), nullable=False),
+    ],
+    "text": [
+        pa.field("num_tokens", pa.int32(), nullable=False),
+        pa.field("doc_id", pa.string(), nullable=False),
+        pa.field("block", pa.int32(), nullable=False),
+    ],
+}
+
+REJECTS_SCHEMA = pa.schema(
+    [
+        pa.field("id", pa.string(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("stage", pa.string(), nullable=False),  # "scan" or "build"
+        pa.field("reason", pa.string(), nullable=False),  # a short code, counted in dataset.json
+        pa.field("detail", pa.string(), nullable=False),  # a readable sentence for people
+    ]
+)
+
+
+def _check(modality: str) -> None:
+    if modality not in MODALITIES:
+        raise ValueError(f"unknown modality {modality!r}; expected one of {MODALITIES}")
+
+
+def manifest_schema(modality: str) -> pa.Schema:
+    _check(modality)
+    return pa.schema(_MANIFEST_COMMON + _MANIFEST_EXTRA[modality])
+
+
+def index_schema(modality: str) -> pa.Schema:
+    _check(modality)
+    return pa.schema(_INDEX_COMMON + _INDEX_EXTRA[modality])
+
+
+def rejects_schema() -> pa.Schema:
+    return REJECTS_SCHEMA
