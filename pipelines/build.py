@@ -220,8 +220,9 @@ def build_dataset(source: Source, out: Location, options: BuildOptions = BuildOp
     skipped = sum(r.skipped for r in results)
     build_rejects = [row for r in results for row in r.rejects]
     all_rejects = [r.to_row() for r in scan.rejects] + build_rejects
-    kept = [r for r in results if r.samples > 0]
-    samples = sum(r.samples for r in kept)
+    # Every planned shard is named, also one whose items were all rejected (0 samples): its index
+    # carries those rejects, and a resumed build finds it like any other.
+    samples = sum(r.samples for r in results)
 
     _write_table(fs, join(root, "rejects.parquet"), pa.Table.from_pylist(all_rejects, schema=rejects_schema()))
     if samples == 0:
@@ -248,8 +249,8 @@ def build_dataset(source: Source, out: Location, options: BuildOptions = BuildOp
         rejected=len(all_rejects),
         rejects_by_reason=_reason_counts(all_rejects),
         counts=counts,
-        splits=_split_summaries(kept, source.modality),
-        shards=[_shard_info(r, source.modality) for r in kept],
+        splits=_split_summaries(results, source.modality),
+        shards=[_shard_info(r, source.modality) for r in results],
         **source.dataset_fields(),
     )
     write_atomic(fs, join(root, DATASET_JSON), dataset.to_json().encode())

@@ -34,12 +34,20 @@ class Location:
     def protocol(self) -> str:
         return fsspec.core.split_protocol(self.url)[0] or "file"
 
-    def filesystem(self) -> tuple[fsspec.AbstractFileSystem, str]:
+    def filesystem(self, *, fail_fast: bool = False) -> tuple[fsspec.AbstractFileSystem, str]:
+        """`fail_fast`: a private client that does not retry, for checks before any work starts."""
         options = dict(self.storage_options)
-        if self.protocol in ("s3", "s3a"):
+        s3 = self.protocol in ("s3", "s3a")
+        if s3:
             for key, value in _S3_DEFAULTS.items():
                 options.setdefault(key, value)
+        if fail_fast:
+            options["skip_instance_cache"] = True
+            if s3:
+                options["config_kwargs"] = {**options["config_kwargs"], "retries": {"max_attempts": 1}}
         fs, root = fsspec.core.url_to_fs(self.url, **options)
+        if fail_fast and s3:
+            fs.retries = 1
         return fs, root.rstrip("/") if root not in ("/", "") else root
 
     def child(self, *parts: str) -> "Location":
@@ -111,7 +119,7 @@ def size_or_none(fs: fsspec.AbstractFileSystem, path: str) -> int | None:
 def check_writable(location: Location) -> tuple[fsspec.AbstractFileSystem, str]:
     """Open the output and prove it can be written, before any work is done."""
     try:
-        fs, root = location.filesystem()
+        fs, root = location.filesystem(fail_fast=True)
     except Exception as exc:  # noqa: BLE001 - any backend error means the same to the user
         raise StorageError(f"cannot open output {location.public_url()}: {_describe(exc)}") from exc
     probe = join(root, f".d2v-write-check-{uuid.uuid4().hex}")
@@ -126,7 +134,7 @@ def check_writable(location: Location) -> tuple[fsspec.AbstractFileSystem, str]:
         raise
     except Exception as exc:  # noqa: BLE001
         raise StorageError(f"cannot write to output {location.public_url()}: {_describe(exc)}") from exc
-    return fs, root
+    return location.filesystem()
 
 
 def check_readable(location: Location) -> tuple[fsspec.AbstractFileSystem, str]:

@@ -1,0 +1,45 @@
+"""Small helpers shared by the builder tests: run the CLI, read shards back."""
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+D2V = [sys.executable, "-m", "flows.cli"]
+
+
+def run_d2v(*args: str, env: dict | None = None, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`d2v ARGS...` in a subprocess, as a user runs it."""
+    full_env = {**os.environ, **(env or {})}
+    result = subprocess.run([*D2V, *args], cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"d2v {' '.join(args)} exited {result.returncode}\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def inspect_json(url: str, env: dict | None = None) -> dict:
+    return json.loads(run_d2v("data", "inspect", url, "--json", env=env).stdout)
+
+
+def shard_checksums(dataset_json: dict) -> dict[str, str]:
+    return {shard["name"]: shard["sha256"] for shard in dataset_json["shards"]}
+
+
+def read_dataset_json(folder: str | Path) -> dict:
+    return json.loads(Path(folder, "dataset.json").read_text())
+
+
+def tar_members(path: str | Path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def load_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
