@@ -54,7 +54,7 @@ def runner(workers: int | None = None, scheduler: str | None = None) -> Iterator
         from distributed import Client
 
         try:
-            client = Client(scheduler, timeout="30s")
+            client = Client(scheduler, timeout="10s")
         except OSError as exc:
             raise ConnectionError(f"cannot reach the Dask scheduler at {scheduler}: {exc}") from exc
         try:
