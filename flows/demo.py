@@ -21,19 +21,19 @@ def run_demo(modality: str, out: str, *, workers: int = 2) -> int:
     if modality == "speech":
         from pipelines.sources.librispeech import LibriSpeechSource
 
-        spec = synthetic.make_librispeech(corpus, {"train-clean-100": 48, "dev-clean": 12}, seed=0)
+        spec = synthetic.make_librispeech(corpus, {"train-clean-100": 48, "dev-clean": 12}, seed=0, faults=True)
         source = LibriSpeechSource(Location(spec.source), ("train-clean-100", "dev-clean"))
     elif modality == "vision":
         from pipelines.sources.imagenet import ImageNetSource
 
-        spec = synthetic.make_imagenet(corpus, classes=4, train_per_class=12, val_per_class=4, seed=0)
+        spec = synthetic.make_imagenet(corpus, classes=4, train_per_class=12, val_per_class=4, seed=0, faults=True)
         source = ImageNetSource(Location(spec.source), ("train", "val"))
     else:
         from pipelines.sources.text import TextSource
 
-        spec = synthetic.make_text_corpus(corpus, files=2, docs_per_file=20, seed=0)
+        spec = synthetic.make_text_corpus(corpus, files=2, docs_per_file=20, seed=0, faults=True)
         source = TextSource.create(tuple(Location(f) for f in spec.files), vocab_size=1000, seed=0)
-    print(f"generated a {modality} corpus at {spec.source}")
+    print(f"generated a {modality} corpus at {spec.source} (with one item of each known fault)")
     build_dataset(source, Location(dataset_url), options, workers=workers)
     location = Location(dataset_url)
     dataset, _, _ = read_dataset(location)

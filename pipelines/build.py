@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines import masking
-from pipelines.cluster import progress, runner
+from pipelines.cluster import Runner, progress, runner
 from pipelines.plan import ShardPlan, ShardSize, plan_shards, shard_seed
 from pipelines.shards import (
     META_FINGERPRINT,
@@ -81,9 +81,8 @@ class ShardResult:
 
 @dataclass(frozen=True)
 class _Job:
-    """Everything a worker needs for one shard (picklable)."""
+    """What every shard task of a build shares (picklable; sent to each worker once)."""
 
-    plan: ShardPlan
     source: Source
     out: Location
     variants: int
@@ -92,9 +91,8 @@ class _Job:
     mask_params: dict
 
 
-def build_shard(job: _Job) -> ShardResult:
+def build_shard(plan: ShardPlan, job: _Job) -> ShardResult:
     """Build and publish one shard, or return the finished one left by an earlier run."""
-    plan = job.plan
     fs, root = job.out.filesystem()
     tar_path, idx_path = join(root, plan.tar_path), join(root, plan.index_path)
     finished = _finished_shard(fs, tar_path, idx_path, plan)
@@ -174,48 +172,57 @@ def _finished_shard(fs, tar_path: str, idx_path: str, plan: ShardPlan) -> ShardR
 
 def build_dataset(source: Source, out: Location, options: BuildOptions = BuildOptions(), *,
                   workers: int | None = None, scheduler: str | None = None, echo=print) -> Dataset:
-    """Build every shard of `source` under `out` and commit dataset.json; returns it."""
-    started = time.monotonic()
-    fs, root = check_writable(out)
-    with runner(workers, scheduler) as run:
-        echo(f"scanning {source.location.public_url()} ({source.modality}) on {run.workers} worker(s)")
-        scan = source.scan(run)
-        scanned = scan.manifest.num_rows
-        echo(f"scanned {scanned + len(scan.rejects)} source items: {scanned} usable, {len(scan.rejects)} rejected")
-        if scanned == 0:
-            raise EmptyCorpusError(
-                f"no usable {source.modality} items in {source.location.public_url()}"
-                + (f" ({len(scan.rejects)} rejected: {_reason_counts([r.to_row() for r in scan.rejects])})"
-                   if scan.rejects else "")
-                + "; nothing was written"
-            )
-        mask_kind, mask_params = source.mask_spec()
-        build = {
-            "format": SCHEMA_VERSION,
-            "modality": source.modality,
-            **source.build_params(),
-            "shard_size": options.shard_size.describe(),
-            "mask_variants": options.mask_variants,
-            "seed": options.seed,
-            "mask_kind": mask_kind,
-            "mask_params": mask_params,
-        }
-        params_digest = hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()
-        plans = plan_shards(scan.manifest, seed=options.seed, size=options.shard_size, build_fingerprint=params_digest)
-        fingerprint = hashlib.sha256("\n".join([params_digest] + [p.fingerprint for p in plans]).encode()).hexdigest()
-        _retire_other_build(fs, root, fingerprint, echo)
+    """Build every shard of `source` under `out` and commit dataset.json; returns it.
 
-        jobs = [_Job(p, source, out, options.mask_variants, options.seed, mask_kind, mask_params) for p in plans]
-        results: list[ShardResult | None] = [None] * len(jobs)
-        build_started = time.monotonic()
-        done_samples = 0
-        bar = progress(run.as_completed(build_shard, jobs), total=len(jobs), description="shards")
-        for position, result in bar:
-            results[position] = result
-            done_samples += result.samples
-            elapsed = max(time.monotonic() - build_started, 1e-9)
-            bar.set_postfix(samples_per_s=f"{done_samples / elapsed:.1f}", refresh=False)
-        bar.close()
+    `workers`: a local Dask cluster of that size (0: in this process); `scheduler`: an existing one.
+    """
+    check_writable(out)  # before a cluster starts or a file is read
+    with runner(workers, scheduler) as run:
+        return build_with_runner(source, out, options, run, echo=echo)
+
+
+def build_with_runner(source: Source, out: Location, options: BuildOptions, run: Runner, *, echo=print) -> Dataset:
+    """The build on tasks of an open runner; the caller has checked that `out` is writable."""
+    started = time.monotonic()
+    fs, root = out.filesystem()
+    echo(f"scanning {source.location.public_url()} ({source.modality}) on {run.workers} worker(s)")
+    scan = source.scan(run)
+    scanned = scan.manifest.num_rows
+    echo(f"scanned {scanned + len(scan.rejects)} source items: {scanned} usable, {len(scan.rejects)} rejected")
+    if scanned == 0:
+        raise EmptyCorpusError(
+            f"no usable {source.modality} items in {source.location.public_url()}"
+            + (f" ({len(scan.rejects)} rejected: {_reason_counts([r.to_row() for r in scan.rejects])})"
+               if scan.rejects else "")
+            + "; nothing was written"
+        )
+    mask_kind, mask_params = source.mask_spec()
+    build = {
+        "format": SCHEMA_VERSION,
+        "modality": source.modality,
+        **source.build_params(),
+        "shard_size": options.shard_size.describe(),
+        "mask_variants": options.mask_variants,
+        "seed": options.seed,
+        "mask_kind": mask_kind,
+        "mask_params": mask_params,
+    }
+    params_digest = hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()
+    plans = plan_shards(scan.manifest, seed=options.seed, size=options.shard_size, build_fingerprint=params_digest)
+    fingerprint = hashlib.sha256("\n".join([params_digest] + [p.fingerprint for p in plans]).encode()).hexdigest()
+    _retire_other_build(fs, root, fingerprint, echo)
+
+    job = _Job(source, out, options.mask_variants, options.seed, mask_kind, mask_params)
+    results: list[ShardResult] = [None] * len(plans)  # type: ignore[list-item]
+    build_started = time.monotonic()
+    done_samples = 0
+    bar = progress(run.as_completed(build_shard, plans, job=job), total=len(plans), description="shards")
+    for position, result in bar:
+        results[position] = result
+        done_samples += result.samples
+        elapsed = max(time.monotonic() - build_started, 1e-9)
+        bar.set_postfix(samples_per_s=f"{done_samples / elapsed:.1f}", refresh=False)
+    bar.close()
 
     skipped = sum(r.skipped for r in results)
     build_rejects = [row for r in results for row in r.rejects]

@@ -37,7 +37,9 @@ class Runner:
             return
         from distributed import as_completed
 
-        futures = self.client.map(fn, items, pure=False, **kwargs)
+        # Arguments shared by every task (a source with its tokenizer, say) travel to each worker once.
+        shared = {name: self.client.scatter(value, broadcast=True, hash=False) for name, value in kwargs.items()}
+        futures = self.client.map(fn, items, pure=False, **shared)
         positions = {future.key: position for position, future in enumerate(futures)}
         for future in as_completed(futures):
             yield positions[future.key], future.result()
@@ -71,6 +73,8 @@ def runner(workers: int | None = None, scheduler: str | None = None) -> Iterator
         return
     from distributed import Client, LocalCluster
 
+    # The in-process scheduler logs every worker's comings and goings at INFO: keep the console for progress.
+    logging.getLogger("distributed").setLevel(logging.WARNING)
     with LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
