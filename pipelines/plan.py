@@ -23,7 +23,8 @@ _UNITS = {None: 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 @dataclass(frozen=True)
 class ShardSize:
-    """A shard's budget: bytes of source data (e.g. "256MB") or a number of samples (e.g. "1000")."""
+    """A shard's budget: bytes (e.g. "256MB", estimated from the source sizes plus a fixed
+    per-sample overhead) or a number of samples (e.g. "1000")."""
 
     max_bytes: int | None = None
     max_samples: int | None = None
@@ -92,19 +93,24 @@ def plan_shards(manifest: pa.Table, *, seed: int, size: ShardSize, build_fingerp
     return plans
 
 
+# What a sample adds to its tar beside its data: three 512-byte headers, padding, JSON and masks.
+SAMPLE_OVERHEAD_BYTES = 4096
+
+
 def _cut(rows: list[dict], size: ShardSize, size_column: str) -> list[list[dict]]:
     chunks: list[list[dict]] = []
     current: list[dict] = []
     current_bytes = 0
     for row in rows:
+        row_bytes = row[size_column] + SAMPLE_OVERHEAD_BYTES
         full = (size.max_samples is not None and len(current) >= size.max_samples) or (
-            size.max_bytes is not None and current and current_bytes + row[size_column] > size.max_bytes
+            size.max_bytes is not None and current and current_bytes + row_bytes > size.max_bytes
         )
         if full:
             chunks.append(current)
             current, current_bytes = [], 0
         current.append(row)
-        current_bytes += row[size_column]
+        current_bytes += row_bytes
     if current:
         chunks.append(current)
     return chunks

@@ -13,7 +13,7 @@ import webdataset as wds
 
 from pipelines import synthetic
 from pipelines.build import BuildOptions, build_dataset
-from pipelines.plan import ShardSize
+from pipelines.plan import SAMPLE_OVERHEAD_BYTES, ShardSize
 from pipelines.sources.librispeech import LibriSpeechSource
 from pipelines.storage import Location
 from schemas import FrameGrid
@@ -173,7 +173,8 @@ def test_byte_sized_shards_respect_the_budget(corpus, tmp_path):
     sizes = {row["id"]: row["bytes"] for row in manifest}
     for shard in dataset.shards:
         keys = pq.read_table(tmp_path / shard.index).column("key").to_pylist()
-        assert len(keys) == 1 or sum(sizes[k] for k in keys) <= 300_000
+        assert len(keys) == 1 or sum(sizes[k] + SAMPLE_OVERHEAD_BYTES for k in keys) <= 300_000
+        assert (tmp_path / shard.name).stat().st_size < 300_000 + 20_000 * len(keys)
 
 
 def test_missing_subset_is_a_clear_error_before_any_output(corpus, tmp_path):
