@@ -176,6 +176,8 @@ def build_dataset(source: Source, out: Location, options: BuildOptions = BuildOp
 
     `workers`: a local Dask cluster of that size (0: in this process); `scheduler`: an existing one.
     """
+    if "memory" in (out.protocol, source.location.protocol) and (workers != 0 or scheduler):
+        raise ValueError("memory:// URLs live inside one process: build them with --workers 0")
     check_writable(out)  # before a cluster starts or a file is read
     with runner(workers, scheduler) as run:
         return build_with_runner(source, out, options, run, echo=echo)

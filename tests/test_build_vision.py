@@ -82,3 +82,18 @@ def test_a_folder_that_is_no_imagenet_is_a_clear_error(tmp_path):
     with pytest.raises(OSError, match="neither"):
         _build(str(tmp_path / "nothing"), tmp_path / "out")
     assert not (tmp_path / "out" / "dataset.json").exists()
+
+
+def test_memory_urls_work_in_process_and_are_refused_across_processes(tmp_path):
+    import uuid
+
+    from pipelines.inspection import read_dataset, verify
+
+    spec = synthetic.make_imagenet(str(tmp_path / "corpus"), layout="imagefolder", seed=6, faults=True)
+    url = f"memory://d2v-test-{uuid.uuid4().hex}/imagenet"
+    dataset = build_dataset(ImageNetSource(Location(spec.source)), Location(url), BuildOptions(ShardSize.parse("5"), 1, 0),
+                            workers=0, echo=lambda *_: None)
+    assert read_dataset(Location(url))[0].model_dump(mode="json") == dataset.model_dump(mode="json")
+    assert verify(Location(url)).ok
+    with pytest.raises(ValueError, match="--workers 0"):
+        build_dataset(ImageNetSource(Location(spec.source)), Location(url), workers=2)
