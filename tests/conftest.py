@@ -1,0 +1,27 @@
+"""Shared fixtures. S3: one server per session (see tests/s3server.py), a fresh bucket per test."""
+
+from collections.abc import Iterator
+
+import pytest
+
+from tests.s3server import S3Server, chosen_kind, s3_server as _start_s3_server
+
+
+def pytest_report_header(config):
+    try:
+        return f"s3 server: {chosen_kind()}"
+    except ValueError as e:  # the s3_server fixture reports it again, as an error
+        return f"s3 server: {e}"
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    with _start_s3_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_bucket(s3_server: S3Server) -> Iterator[str]:
+    name = s3_server.make_bucket()
+    yield name
+    s3_server.remove_bucket(name)
