@@ -183,8 +183,11 @@ def build_dataset(source: Source, out: Location, options: BuildOptions = BuildOp
         return build_with_runner(source, out, options, run, echo=echo)
 
 
-def build_with_runner(source: Source, out: Location, options: BuildOptions, run: Runner, *, echo=print) -> Dataset:
-    """The build on tasks of an open runner; the caller has checked that `out` is writable."""
+def build_with_runner(source: Source, out: Location, options: BuildOptions, run: Runner, *, echo=print,
+                      timings: dict | None = None) -> Dataset:
+    """The build on tasks of an open runner; the caller has checked that `out` is writable.
+    `timings`, when given, receives the seconds of each phase (scan, shards, commit)."""
+    timings = {} if timings is None else timings
     started = time.monotonic()
     fs, root = out.filesystem()
     echo(f"scanning {source.location.public_url()} ({source.modality}) on {run.workers} worker(s)")
@@ -198,6 +201,7 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
                if scan.rejects else "")
             + "; nothing was written"
         )
+    timings["scan"] = time.monotonic() - started
     mask_kind, mask_params = source.mask_spec()
     build = {
         "format": SCHEMA_VERSION,
@@ -225,6 +229,7 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
         elapsed = max(time.monotonic() - build_started, 1e-9)
         bar.set_postfix(samples_per_s=f"{done_samples / elapsed:.1f}", refresh=False)
     bar.close()
+    timings["shards"] = time.monotonic() - build_started
 
     skipped = sum(r.skipped for r in results)
     build_rejects = [row for r in results for row in r.rejects]
@@ -264,6 +269,7 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
     )
     write_atomic(fs, join(root, DATASET_JSON), dataset.to_json().encode())
     elapsed = time.monotonic() - started
+    timings["commit"] = elapsed - timings["scan"] - timings["shards"]
     echo(_summary_line(dataset, len(results), skipped, elapsed))
     return dataset
 
