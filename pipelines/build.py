@@ -152,8 +152,7 @@ def _finished_shard(fs, tar_path: str, idx_path: str, plan: ShardPlan) -> ShardR
     if not exists(fs, idx_path):
         return None
     try:
-        with fs.open(idx_path, "rb") as f:
-            footer = read_index_footer(f)
+        footer = read_index_footer(fs, idx_path)
     except Exception:  # noqa: BLE001 - an unreadable index is rebuilt like a missing one
         return None
     if footer.get(META_FINGERPRINT, b"").decode() != plan.fingerprint:

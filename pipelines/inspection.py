@@ -6,9 +6,8 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow.parquet as pq
 
-from pipelines.shards import META_SHA256, sha256_hex
+from pipelines.shards import META_SHA256, read_parquet, sha256_hex
 from pipelines.storage import Location, StorageError, exists, join
 from schemas import Dataset
 from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX
@@ -121,8 +120,7 @@ def _check_shard(fs, root: str, dataset: Dataset, shard) -> str | None:
     if sha256_hex(data) != shard.sha256:
         return "sha256 differs from dataset.json"
     try:
-        with fs.open(join(root, shard.index), "rb") as f:
-            table = pq.read_table(f)
+        table = read_parquet(fs, join(root, shard.index))
     except FileNotFoundError:
         return "index is missing"
     except Exception as exc:  # noqa: BLE001

@@ -110,5 +110,14 @@ def index_bytes(rows: list[dict], schema: pa.Schema, footer: dict[bytes, bytes])
     return buffer.getvalue()
 
 
-def read_index_footer(data_or_file) -> dict[bytes, bytes]:
-    return dict(pq.read_schema(data_or_file).metadata or {})
+def read_parquet(fs, path: str) -> pa.Table:
+    """A small Parquet file (index, manifest, rejects) read whole.
+
+    Single-threaded on purpose: pyarrow 26's CPU thread pool can abort the interpreter at exit
+    ("terminate called without an active exception") after a threaded read.
+    """
+    return pq.read_table(pa.BufferReader(fs.cat_file(path)), use_threads=False)
+
+
+def read_index_footer(fs, path: str) -> dict[bytes, bytes]:
+    return dict(pq.read_schema(pa.BufferReader(fs.cat_file(path))).metadata or {})

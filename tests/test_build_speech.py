@@ -46,7 +46,7 @@ def test_counts_add_up_and_every_fault_has_its_reason(corpus, built):
     assert dataset.rejects_by_reason == expected["rejects_by_reason"]
     assert dataset.counts["untranscribed"] == expected["untranscribed"]
     assert {name: s.samples for name, s in dataset.splits.items()} == expected["splits"]
-    rejects = pq.read_table(out / "rejects.parquet").to_pylist()
+    rejects = pq.read_table(out / "rejects.parquet", use_threads=False).to_pylist()
     assert len(rejects) == dataset.rejected
     for row in rejects:
         assert row["detail"] and row["reason"] and row["stage"] in ("scan", "build")
@@ -76,7 +76,7 @@ def test_samples_are_the_original_flac_with_masks_on_the_frame_grid(corpus, buil
     seen = 0
     for shard in dataset.shards:
         members = tar_members(out / shard.name)
-        index = pq.read_table(out / shard.index).to_pylist()
+        index = pq.read_table(out / shard.index, use_threads=False).to_pylist()
         tar_bytes = (out / shard.name).read_bytes()
         for row in index:
             key = row["key"]
@@ -147,7 +147,7 @@ def test_verify_catches_an_index_that_disagrees_with_its_tar(built, tmp_path):
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
     shard = dataset.shards[0]
-    table = pq.read_table(copy / shard.index)
+    table = pq.read_table(copy / shard.index, use_threads=False)
     offsets = table.column("json_offset").to_pylist()
     offsets[0] += 512
     table = table.set_column(table.schema.get_field_index("json_offset"), "json_offset", pa.array(offsets, pa.int64()))
@@ -169,10 +169,10 @@ def test_byte_sized_shards_respect_the_budget(corpus, tmp_path):
         BuildOptions(ShardSize.parse("300KB"), mask_variants=1, seed=0), workers=0, echo=lambda *_: None,
     )
     assert len(dataset.shards) > 1
-    manifest = pq.read_table(tmp_path / "manifest.parquet").to_pylist()
+    manifest = pq.read_table(tmp_path / "manifest.parquet", use_threads=False).to_pylist()
     sizes = {row["id"]: row["bytes"] for row in manifest}
     for shard in dataset.shards:
-        keys = pq.read_table(tmp_path / shard.index).column("key").to_pylist()
+        keys = pq.read_table(tmp_path / shard.index, use_threads=False).column("key").to_pylist()
         assert len(keys) == 1 or sum(sizes[k] + SAMPLE_OVERHEAD_BYTES for k in keys) <= 300_000
         assert (tmp_path / shard.name).stat().st_size < 300_000 + 20_000 * len(keys)
 

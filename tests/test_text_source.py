@@ -228,7 +228,7 @@ def test_build_end_to_end(tmp_path, corpus):
     tokens_seen = 0
     for shard in dataset.shards:
         samples = _read_webdataset(str(out / shard.name))
-        index = pq.read_table(out / shard.index).to_pylist()
+        index = pq.read_table(out / shard.index, use_threads=False).to_pylist()
         assert [s["__key__"] for s in samples] == [r["key"] for r in index] and len(samples) == shard.samples
         for sample, row in zip(samples, index):
             tokens = np.load(io.BytesIO(sample["tokens.npy"]), allow_pickle=False)
