@@ -191,6 +191,7 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
     fs, root = out.filesystem()
     echo(f"scanning {source.location.public_url()} ({source.modality}) on {run.workers} worker(s)")
     scan = source.scan(run)
+    source = scan.source or source
     scanned = scan.manifest.num_rows
     echo(f"scanned {scanned + len(scan.rejects)} source items: {scanned} usable, {len(scan.rejects)} rejected")
     if scanned == 0:

@@ -33,8 +33,8 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def scanned(corpus):
-    source = TextSource.create(tuple(Location(f) for f in corpus.files), vocab_size=VOCAB, block_size=BLOCK)
-    return source, source.scan(Runner())
+    scan = TextSource.create(tuple(Location(f) for f in corpus.files), vocab_size=VOCAB, block_size=BLOCK).scan(Runner())
+    return scan.source, scan
 
 
 def _documents(corpus) -> dict[str, str]:
@@ -136,8 +136,7 @@ print(hashlib.sha256(to_str(train_bpe(docs, 600)).encode()).hexdigest())
 def test_tokenizer_is_deterministic_across_processes(corpus, scanned):
     source, _ = scanned
     again = TextSource.create(tuple(Location(f) for f in corpus.files), vocab_size=VOCAB, block_size=BLOCK)
-    again.scan(Runner())
-    assert again.tokenizer_json == source.tokenizer_json
+    assert again.scan(Runner()).source.tokenizer_json == source.tokenizer_json
     digests = set()
     for threads, parallel in (("1", "false"), ("2", "true"), ("4", "true")):
         env = {**os.environ, "PYTHONPATH": str(REPO), "RAYON_NUM_THREADS": threads, "TOKENIZERS_PARALLELISM": parallel}
@@ -197,8 +196,8 @@ def test_folders_and_shared_stems(tmp_path):
         (tmp_path / "in" / folder).mkdir(parents=True)
         (tmp_path / "in" / folder / "wiki.train.txt").write_text("one two\nthree\n\nfour five\n")
     (tmp_path / "in" / ".hidden").write_text("not a document\n")
-    source = TextSource.create((Location(str(tmp_path / "in")),), vocab_size=300, valid_fraction=0.0)
-    scan = source.scan(Runner())
+    scan = TextSource.create((Location(str(tmp_path / "in")),), vocab_size=300, valid_fraction=0.0).scan(Runner())
+    source = scan.source
     assert source.files == ("a/wiki.train.txt", "b/wiki.train.txt") and source.location.url == str(tmp_path / "in")
     ids = scan.manifest.column("id").to_pylist()
     assert len(set(ids)) == len(ids) == 4 and all("." not in i and "/" not in i for i in ids)
@@ -220,7 +219,7 @@ def test_build_end_to_end(tmp_path, corpus):
     assert dataset.counts == {"documents": corpus.expected["accepted"]}
     assert set(dataset.splits) == {"train", "valid"} and all(s.tokens for s in dataset.splits.values())
     ref = dataset.tokenizer
-    assert ref.sha256 == source.tokenizer_sha256 == bpe.sha256((out / "tokenizer" / "tokenizer.json").read_text())
+    assert ref.sha256 == bpe.sha256((out / "tokenizer" / "tokenizer.json").read_text())
     assert (ref.bos_id, ref.eos_id, ref.block_size) == (0, 2, BLOCK)
     assert bpe.load_tokenizer(str(out / "tokenizer")).get_vocab_size() == ref.vocab_size
     assert sorted(os.listdir(out / "tokenizer")) == ["merges.txt", "tokenizer.json", "vocab.json"]
@@ -258,8 +257,8 @@ def test_empty_corpus_commits_nothing(tmp_path, content):
 def test_a_file_changed_after_the_scan_is_rejected_at_build(tmp_path, corpus):
     copy = tmp_path / "part-001.txt"
     copy.write_bytes(Path(corpus.files[1]).read_bytes())
-    source = TextSource.create((Location(str(copy)),), vocab_size=VOCAB, block_size=BLOCK)
-    rows = source.scan(Runner()).manifest.to_pylist()
+    scan = TextSource.create((Location(str(copy)),), vocab_size=VOCAB, block_size=BLOCK).scan(Runner())
+    source, rows = scan.source, scan.manifest.to_pylist()
     copy.write_bytes(copy.read_bytes()[: len(copy.read_bytes()) // 2])
     fs, root = source.location.filesystem()
     outcomes = [source.encode(fs, root, row) for row in rows]

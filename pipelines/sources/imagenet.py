@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import io
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -87,8 +87,7 @@ class ImageNetSource(Source):
                 f"({', '.join(self.splits)})"
             )
         rows, duplicates = _drop_duplicate_ids(rows)
-        object.__setattr__(self, "classes", tuple(classes))  # recorded in dataset.json, shipped to workers
-        return ScanResult(self.manifest_table(rows), rejects + duplicates)
+        return ScanResult(self.manifest_table(rows), rejects + duplicates, replace(self, classes=tuple(classes)))
 
     # -- build --------------------------------------------------------------------------------
     def encode(self, fs, root: str, row: dict) -> Encoded | Reject:

@@ -30,7 +30,7 @@ import posixpath
 import re
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import pyarrow.compute as pc
@@ -140,7 +140,7 @@ class TextSource(Source):
     def scan(self, runner) -> ScanResult:
         fs, root = self.location.filesystem()
         files = _list_files(fs, root, self.inputs)
-        object.__setattr__(self, "files", tuple(files))
+        learned = replace(self, files=tuple(files))
         keys = _file_keys(files)
         items = [(path, keys[path]) for path in files]
         started = time.monotonic()
@@ -150,9 +150,9 @@ class TextSource(Source):
             trained = bpe.train_bpe(_accepted_texts(fs, root, scans), self.vocab_size)
             log.info("trained a byte-level BPE of %d tokens in %.1fs", trained.get_vocab_size(),
                      time.monotonic() - started)
-            object.__setattr__(self, "tokenizer_json", bpe.to_str(trained))  # shipped to the workers with the source
+            learned = replace(learned, tokenizer_json=bpe.to_str(trained))  # shipped to the workers with the source
             started = time.monotonic()
-            scans = runner.map(_scan_file, items, location=self.location, tokenizer_json=self.tokenizer_json)
+            scans = runner.map(_scan_file, items, location=self.location, tokenizer_json=learned.tokenizer_json)
         rejects = [r for s in scans for r in s.rejects]
         docs = [(s.path, doc) for s in scans for doc in s.docs]
         splits = assign_splits([doc[0] for _, doc in docs], self.valid_fraction, self.seed)
@@ -170,7 +170,7 @@ class TextSource(Source):
         tokens = sum(doc[3] for _, doc in docs)
         log.info("tokenized %d documents of %d files: %d tokens (%.0f tokens/s)", len(docs), len(files), tokens,
                  tokens / max(time.monotonic() - started, 1e-9))
-        return ScanResult(self.manifest_table(rows), rejects)
+        return ScanResult(self.manifest_table(rows), rejects, learned)
 
     # -- build --------------------------------------------------------------------------------
     def encode(self, fs, root: str, row: dict) -> Encoded | Reject:
