@@ -1,0 +1,67 @@
+"""A split's sample table, read from dataset.json and the Parquet indexes alone (no tar is opened)."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipelines.inspection import read_dataset
+from pipelines.shards import read_parquet
+from pipelines.storage import Location, join
+from schemas import Dataset, ShardInfo
+
+_OFFSETS = ("sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
+            "mask_offset", "mask_bytes")
+
+
+@dataclass
+class SplitIndex:
+    """One row per sample of a split, in shard order then tar order; columns are numpy arrays."""
+
+    dataset: Dataset
+    location: Location
+    split: str
+    shards: list[ShardInfo]
+    columns: dict[str, np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.columns["key"])
+
+    @property
+    def modality(self) -> str:
+        return self.dataset.modality
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Speech: samples of audio; text: tokens; vision: 1 (batches of images have a fixed size)."""
+        return self.columns["length"]
+
+    @classmethod
+    def load(cls, location: Location, split: str, *, threads: int = 16) -> "SplitIndex":
+        dataset, fs, root = read_dataset(location)
+        shards = dataset.shards_of(split)
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
+            tables = list(pool.map(lambda shard: read_parquet(fs, join(root, shard.index)), shards))
+        columns: dict[str, list] = {name: [] for name in ("key", "shard", "length", "label", "mask_length", *_OFFSETS)}
+        for number, (shard, table) in enumerate(zip(shards, tables)):
+            if table.num_rows != shard.samples:
+                raise ValueError(f"{shard.index} has {table.num_rows} rows but dataset.json says {shard.samples}")
+            rows = table.num_rows
+            columns["key"].append(np.asarray(table.column("key").to_pylist(), dtype=object))
+            columns["shard"].append(np.full(rows, number, dtype=np.int32))
+            for name in ("mask_length", *_OFFSETS):
+                columns[name].append(table.column(name).to_numpy().astype(np.int64))
+            if dataset.modality == "speech":
+                length = table.column("num_samples").to_numpy().astype(np.int64)
+            elif dataset.modality == "text":
+                length = table.column("num_tokens").to_numpy().astype(np.int64)
+            else:
+                length = np.ones(rows, dtype=np.int64)
+            columns["length"].append(length)
+            label = table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names \
+                else np.full(rows, -1, dtype=np.int64)
+            columns["label"].append(label)
+        merged = {name: (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
+                  for name, parts in columns.items()}
+        return cls(dataset, location, split, shards, merged)
