@@ -11,7 +11,11 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", required=True)
     from pipelines import cli as data_cli
 
-    data_cli.add_parser(subparsers)
+    data_commands = data_cli.add_parser(subparsers)
+    stream = data_commands.add_parser("stream", help="run the streaming loader without a model (throughput, keys, state)")
+    from d2v_train.data.cli import add_arguments as add_stream_arguments
+
+    add_stream_arguments(stream)
     demo = subparsers.add_parser("demo", help="generate a small corpus in the real layout and run the pipeline on it")
     demo.add_argument("modality", choices=["speech", "vision", "text"])
     demo.add_argument("--out", default="demo", help="folder (or URL) for the corpus and the outputs (default: ./demo)")
@@ -23,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "data" and args.data_command == "stream":
+            from d2v_train.data import cli as stream_cli
+
+            return stream_cli.run(args)
         if args.command == "data":
             from pipelines import cli as data_cli
 

@@ -11,8 +11,9 @@ from pipelines.storage import Location
 COMMON_HELP = "common options: --workers N | --scheduler ADDR, --shard-size, --mask-variants K, --seed N"
 
 
-def add_parser(subparsers) -> None:
-    data = subparsers.add_parser("data", help="build, inspect and verify sharded datasets")
+def add_parser(subparsers):
+    """Adds `d2v data`; returns its sub-command group so other stages can add theirs (stream)."""
+    data = subparsers.add_parser("data", help="build, inspect, verify and stream sharded datasets")
     commands = data.add_subparsers(dest="data_command", required=True)
 
     build = commands.add_parser("build", help="build WebDataset shards from a corpus", description=COMMON_HELP)
@@ -55,6 +56,7 @@ def add_parser(subparsers) -> None:
 
     verify = commands.add_parser("verify", help="re-read every shard and check it against dataset.json")
     verify.add_argument("url")
+    return commands
 
 
 def _common(parser: argparse.ArgumentParser) -> None:

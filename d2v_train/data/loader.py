@@ -1,0 +1,183 @@
+"""The streaming loader: a torchdata.nodes pipeline over an epoch plan, exactly and elastically resumable.
+
+Batches are planned from metadata (plan.py), fetched with coalesced ranged reads (reader.py),
+decoded and collated in threads (decode.py, collate.py), in order. The state is three integers:
+the epoch, the global batches consumed in it, and the seed. Because the plan does not depend on
+the world size, a state saved at one world size resumes at any other: rank r then serves global
+batches done + r, done + r + W, ...
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torchdata.nodes as tn
+
+from d2v_train.data import collate, decode
+from d2v_train.data.index import SplitIndex
+from d2v_train.data.plan import BatchPolicy, GlobalBatch, plan_epoch, rank_batch_numbers
+from d2v_train.data.reader import SampleRequest, ShardReader
+from pipelines.storage import Location
+from schemas import FrameGrid
+from schemas.arrow import DATA_SUFFIX
+
+STATE_VERSION = 1
+
+
+@dataclass
+class Throughput:
+    """What the loader has delivered, for progress lines and metrics (thread-safe)."""
+
+    batches: int = 0
+    samples: int = 0
+    audio_seconds: float = 0.0
+    tokens: int = 0
+    started: float = field(default_factory=time.monotonic)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, samples: int, audio_seconds: float = 0.0, tokens: int = 0) -> None:
+        with self._lock:
+            self.batches += 1
+            self.samples += samples
+            self.audio_seconds += audio_seconds
+            self.tokens += tokens
+
+    def rates(self) -> dict:
+        elapsed = max(time.monotonic() - self.started, 1e-9)
+        return {"samples_per_s": self.samples / elapsed, "audio_s_per_s": self.audio_seconds / elapsed,
+                "tokens_per_s": self.tokens / elapsed, "elapsed_s": elapsed}
+
+
+class StreamingLoader:
+    """Iterate to get one epoch of this rank's batches; iterate again for the next epoch."""
+
+    def __init__(self, location: Location | str, split: str, policy: BatchPolicy, *, rank: int = 0,
+                 world_size: int = 1, seed: int = 0, train: bool = True, workers: int = 4, prefetch: int = 2,
+                 io_threads: int = 8, retries: int = 5, cache_dir: str | None = None, skip_bad_shards: bool = False,
+                 image_size: int = 224) -> None:
+        self.location = location if isinstance(location, Location) else Location(location)
+        self.index = SplitIndex.load(self.location, split)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"--rank {rank} must be in [0, --world-size {world_size})")
+        self.split, self.policy, self.rank, self.world_size = split, policy, rank, world_size
+        self.seed, self.train, self.workers, self.prefetch = seed, train, max(1, workers), max(1, prefetch)
+        self.image_size = image_size
+        dataset = self.index.dataset
+        if dataset.modality == "speech" and policy.max_tokens is None and policy.crop:
+            raise ValueError("speech training batches are planned by --max-tokens")
+        self.frame_grid = dataset.frame_grid or FrameGrid()
+        self.variants = dataset.mask.variants
+        self.reader = ShardReader(
+            self.location, [(s.name, s.sha256, s.bytes) for s in self.index.shards],
+            data_suffix=DATA_SUFFIX[dataset.modality], threads=io_threads, retries=retries, cache_dir=cache_dir,
+            skip_bad_shards=skip_bad_shards,
+        )
+        self.throughput = Throughput()
+        self.epoch = 0
+        self._start = 0  # global batches of self.epoch consumed before this iteration began
+        self._served = 0  # batches this rank has handed out in this iteration
+        self._plans: dict[int, list[GlobalBatch]] = {}
+
+    # -- planning -----------------------------------------------------------------------------
+    def plan(self, epoch: int) -> list[GlobalBatch]:
+        if epoch not in self._plans:
+            self._plans = {epoch: plan_epoch(self.index, self.policy, self.seed, epoch, hop=self.frame_grid.hop)}
+        return self._plans[epoch]
+
+    def __len__(self) -> int:
+        """Batches this rank serves in the current epoch from the current position."""
+        total = len(self.plan(self.epoch))
+        return len(rank_batch_numbers(total, self._start, self.rank, self.world_size, self.policy.tail)) - self._served
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def global_batches_done(self) -> int:
+        return self._start + self._served * self.world_size
+
+    def state_dict(self) -> dict:
+        return {"version": STATE_VERSION, "split": self.split, "seed": self.seed, "epoch": self.epoch,
+                "global_batches_done": self.global_batches_done, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"loader state version {state.get('version')} is not {STATE_VERSION}")
+        if state["split"] != self.split or state["seed"] != self.seed:
+            raise ValueError(
+                f"loader state is for split {state['split']!r} with seed {state['seed']}, "
+                f"this loader reads split {self.split!r} with seed {self.seed}"
+            )
+        self.epoch = int(state["epoch"])
+        self._start = int(state["global_batches_done"])
+        self._served = 0
+
+    # -- iteration ----------------------------------------------------------------------------
+    def __iter__(self):
+        batches = self.plan(self.epoch)
+        served = rank_batch_numbers(len(batches), self._start, self.rank, self.world_size, self.policy.tail)
+        todo = [(batches[number], padding, self.epoch) for number, padding in served[self._served:]]
+        node = tn.IterableWrapper(todo)
+        node = tn.ParallelMapper(node, self._load, num_workers=self.workers, in_order=True, method="thread")
+        node = tn.Prefetcher(node, prefetch_factor=self.prefetch)
+        if torch.cuda.is_available():
+            node = tn.PinMemory(node)
+        for batch in tn.Loader(node, restart_on_stop_iteration=False):
+            self._served += 1  # handed out = consumed: a state saved now resumes after this batch
+            if batch is None:
+                continue  # every sample came from skipped bad shards
+            yield batch
+        self.epoch += 1
+        self._start = 0
+        self._served = 0
+
+    def _load(self, item: tuple[GlobalBatch, bool, int]) -> dict:
+        plan, padding, epoch = item
+        columns = self.index.columns
+        requests = [
+            SampleRequest(int(columns["shard"][i]), columns["key"][i], *(int(columns[name][i]) for name in (
+                "sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
+                "mask_offset", "mask_bytes")))
+            for i in plan.samples
+        ]
+        fetched = self.reader.read(requests)
+        keep = [j for j, sample in enumerate(fetched) if sample is not None]
+        variant = epoch % self.variants
+        rng = np.random.default_rng([self.seed, epoch, plan.number, 5])
+        if not keep:
+            return None
+        keys = [fetched[j].key for j in keep]
+        modality = self.index.modality
+        if modality == "speech":
+            items = [
+                decode.decode_speech(fetched[j].data, fetched[j].mask, variant=variant,
+                                     crop_length=plan.crop_length,
+                                     crop_offset=int(plan.crop_offsets[j]) if plan.crop_offsets is not None else 0,
+                                     frame_grid=self.frame_grid)
+                for j in keep
+            ]
+            batch = collate.collate_speech(items, keys, pad=plan.crop_length is None)
+            audio = sum(len(wav) for wav, _ in items) / self.frame_grid.sample_rate
+            self.throughput.add(len(items), audio_seconds=audio)
+        elif modality == "vision":
+            rngs = rng.spawn(len(keep))
+            items = [decode.decode_image(fetched[j].data, fetched[j].mask, variant=variant, train=self.train,
+                                         rng=r, size=self.image_size) for j, r in zip(keep, rngs)]
+            labels = [int(columns["label"][plan.samples[j]]) for j in keep]
+            batch = collate.collate_images(items, keys, labels)
+            self.throughput.add(len(items))
+        else:
+            tokenizer = self.index.dataset.tokenizer
+            items = [decode.decode_tokens(fetched[j].data, fetched[j].mask, variant=variant) for j in keep]
+            batch = collate.collate_text(items, keys, pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id,
+                                         vocab_size=tokenizer.vocab_size,
+                                         special_ids=(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
+                                                      tokenizer.unk_id, tokenizer.mask_id),
+                                         rng=rng)
+            self.throughput.add(len(items), tokens=sum(len(tokens) for tokens, _ in items))
+        batch.update({"epoch": epoch, "batch": plan.number, "padding": padding})
+        return batch
+
+    def close(self) -> None:
+        self.reader.close()

@@ -1,0 +1,180 @@
+"""The streaming loader end to end: coverage per world size, exact and elastic resume, local and S3."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from d2v_train.data.loader import StreamingLoader
+from d2v_train.data.plan import BatchPolicy
+from pipelines import synthetic
+from pipelines.build import BuildOptions, build_dataset
+from pipelines.plan import ShardSize
+from pipelines.sources.imagenet import ImageNetSource
+from pipelines.sources.librispeech import LibriSpeechSource
+from pipelines.storage import Location
+from tests.helpers import run_d2v
+
+SPLIT = "train-clean-100"
+SPEECH = BatchPolicy(max_tokens=150_000, min_sample_size=16_000, max_sample_size=48_000, shuffle_block=2)
+
+
+@pytest.fixture(scope="module")
+def speech_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("speech")
+    spec = synthetic.make_librispeech(str(root / "corpus"), {SPLIT: 36}, seed=8, seconds=(0.8, 4.0))
+    build_dataset(LibriSpeechSource(Location(spec.source), (SPLIT,)), Location(str(root / "data")),
+                  BuildOptions(ShardSize.parse("5"), 3, 0), workers=0, echo=lambda *_: None)
+    return root / "data"
+
+
+@pytest.fixture(scope="module")
+def image_dataset(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("images")
+    spec = synthetic.make_imagenet(str(root / "corpus"), classes=3, train_per_class=7, val_per_class=0, seed=2)
+    build_dataset(ImageNetSource(Location(spec.source), ("train",)), Location(str(root / "data")),
+                  BuildOptions(ShardSize.parse("4"), 2, 0), workers=0, echo=lambda *_: None)
+    return root / "data"
+
+
+def _epoch(location, policy, split, *, rank=0, world_size=1, seed=0, state=None, limit=None, **options):
+    loader = StreamingLoader(location, split, policy, rank=rank, world_size=world_size, seed=seed, workers=2, **options)
+    if state:
+        loader.load_state_dict(state)
+    batches = []
+    for batch in loader:
+        batches.append(batch)
+        if limit is not None and len(batches) >= limit:
+            break
+    state = loader.state_dict()
+    loader.close()
+    return batches, state
+
+
+def _keys(batches) -> list[str]:
+    return [key for batch in batches for key in batch["keys"]]
+
+
+def _planned_keys(location, policy, split, seed=0, epoch=0, world_size=1) -> list[str]:
+    loader = StreamingLoader(location, split, policy, seed=seed, workers=1)
+    plan = loader.plan(epoch)
+    served = len(plan) - len(plan) % world_size
+    keys = [loader.index.columns["key"][i] for batch in plan[:served] for i in batch.samples]
+    loader.close()
+    return keys
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_one_epoch_over_all_ranks_yields_every_planned_sample_once(speech_dataset, world_size):
+    location = Location(str(speech_dataset))
+    seen = []
+    for rank in range(world_size):
+        batches, _ = _epoch(location, SPEECH, SPLIT, rank=rank, world_size=world_size)
+        seen += _keys(batches)
+        for batch in batches:
+            assert batch["source"].dtype == torch.float32 and batch["source"].shape[0] == len(batch["keys"])
+            assert batch["mask"].shape[1] == (batch["source"].shape[1] - 400) // 320 + 1
+    assert len(seen) == len(set(seen))
+    assert sorted(seen) == sorted(_planned_keys(location, SPEECH, SPLIT, world_size=world_size))
+
+
+def test_epochs_and_seeds_change_the_order_and_runs_repeat(image_dataset):
+    location = Location(str(image_dataset))
+    policy = BatchPolicy(batch_size=4, shuffle_block=1)
+    loader = StreamingLoader(location, "train", policy, seed=1, workers=2)
+    first = [b for b in loader]
+    second = [b for b in loader]  # the next epoch
+    loader.close()
+    again, _ = _epoch(location, policy, "train", seed=1)
+    other, _ = _epoch(location, policy, "train", seed=2)
+    assert _keys(first) == _keys(again) and all(torch.equal(a["image"], b["image"]) for a, b in zip(first, again))
+    assert sorted(_keys(first)) == sorted(_keys(second)) and _keys(first) != _keys(second)
+    assert _keys(other) != _keys(first)
+    assert first[0]["epoch"] == 0 and second[0]["epoch"] == 1
+
+
+def test_resume_in_a_fresh_loader_continues_batch_for_batch(speech_dataset):
+    location = Location(str(speech_dataset))
+    full, _ = _epoch(location, SPEECH, SPLIT, seed=4)
+    head, state = _epoch(location, SPEECH, SPLIT, seed=4, limit=3)
+    tail, _ = _epoch(location, SPEECH, SPLIT, seed=4, state=json.loads(json.dumps(state)))
+    assert len(head) + len(tail) == len(full)
+    for a, b in zip(head + tail, full):
+        assert a["keys"] == b["keys"] and a["batch"] == b["batch"]
+        assert torch.equal(a["source"], b["source"]) and torch.equal(a["mask"], b["mask"])
+
+
+@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
+def test_elastic_resume_serves_exactly_the_remaining_samples(speech_dataset, before, after):
+    location = Location(str(speech_dataset))
+    first, states = [], []
+    for rank in range(before):
+        batches, state = _epoch(location, SPEECH, SPLIT, rank=rank, world_size=before, seed=6, limit=2)
+        first += _keys(batches)
+        states.append(state)
+    assert len({s["global_batches_done"] for s in states}) == 1 and states[0]["global_batches_done"] == 2 * before
+    rest = []
+    for rank in range(after):
+        batches, _ = _epoch(location, SPEECH, SPLIT, rank=rank, world_size=after, seed=6, state=states[0])
+        rest += _keys(batches)
+    loader = StreamingLoader(location, SPLIT, SPEECH, seed=6, workers=1)
+    plan = loader.plan(0)
+    loader.close()
+    done = states[0]["global_batches_done"]
+    end = done + (len(plan) - done) // after * after
+    expected_rest = [loader.index.columns["key"][i] for batch in plan[done:end] for i in batch.samples]
+    assert sorted(rest) == sorted(expected_rest)
+    assert not set(first) & set(rest)
+
+
+def test_cli_resume_in_a_fresh_process_equals_the_uninterrupted_run(image_dataset, tmp_path):
+    url = str(image_dataset)
+    common = ["data", "stream", url, "--split", "train", "--batch-size", "3", "--seed", "5", "--workers", "2"]
+    run_d2v(*common, "--keys-out", str(tmp_path / "all.txt"))
+    result = run_d2v(*common, "--max-batches", "2", "--state-out", str(tmp_path / "state.json"),
+                     "--keys-out", str(tmp_path / "head.txt"))
+    assert "samples/s" in result.stdout
+    run_d2v(*common, "--resume", str(tmp_path / "state.json"), "--keys-out", str(tmp_path / "tail.txt"))
+    head, tail = (tmp_path / "head.txt").read_text().split(), (tmp_path / "tail.txt").read_text().split()
+    assert len(head) == 6
+    assert head + tail == (tmp_path / "all.txt").read_text().split()
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["global_batches_done"] == 2 and state["epoch"] == 0
+
+
+def test_a_missing_shard_is_named_and_skipping_is_counted(image_dataset, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(image_dataset, copy)
+    dataset = json.loads((copy / "dataset.json").read_text())
+    victim = dataset["shards"][1]["name"]
+    (copy / victim).unlink()
+    policy = BatchPolicy(batch_size=4)
+    with pytest.raises(Exception, match=victim.split("/")[-1]):
+        _epoch(Location(str(copy)), policy, "train")
+    batches, _ = _epoch(Location(str(copy)), policy, "train", skip_bad_shards=True)
+    expected = dataset["splits"]["train"]["samples"] - dataset["shards"][1]["samples"]
+    assert len(_keys(batches)) == expected
+    result = run_d2v("data", "stream", str(copy), "--split", "train", "--batch-size", "4", "--skip-bad-shards")
+    assert "skipped shards 1" in result.stdout
+
+
+@pytest.mark.s3
+def test_the_same_epoch_and_resume_from_s3(speech_dataset, s3_server, s3_bucket):
+    fs = s3_server.filesystem()
+    for path in speech_dataset.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{s3_bucket}/data/{path.relative_to(speech_dataset)}", path.read_bytes())
+    remote = Location(f"s3://{s3_bucket}/data", s3_server.storage_options())
+    local = Location(str(speech_dataset))
+    full_local, _ = _epoch(local, SPEECH, SPLIT, seed=9)
+    head, state = _epoch(remote, SPEECH, SPLIT, seed=9, limit=2)
+    tail, _ = _epoch(remote, SPEECH, SPLIT, seed=9, state=state)
+    assert [b["keys"] for b in head + tail] == [b["keys"] for b in full_local]
+    assert all(torch.equal(a["source"], b["source"]) for a, b in zip(head + tail, full_local))
+    result = run_d2v("data", "stream", f"s3://{s3_bucket}/data", "--split", SPLIT, "--max-tokens", "150000",
+                     env=s3_server.env())
+    assert "audio-s/s" in result.stdout
