@@ -5,7 +5,6 @@ import json
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -178,3 +177,20 @@ def test_the_same_epoch_and_resume_from_s3(speech_dataset, s3_server, s3_bucket)
     result = run_d2v("data", "stream", f"s3://{s3_bucket}/data", "--split", SPLIT, "--max-tokens", "150000",
                      env=s3_server.env())
     assert "audio-s/s" in result.stdout
+
+
+def test_transient_store_errors_are_retried_and_the_epoch_is_identical(speech_dataset):
+    from d2v_train.data.reader import ShardReader
+    from tests.test_reader import flaky
+
+    location = Location(str(speech_dataset))
+    clean, _ = _epoch(location, SPEECH, SPLIT, seed=2)
+    loader = StreamingLoader(location, SPLIT, SPEECH, seed=2, workers=2)
+    wrapper, open_fs = flaky(location, failures=5)
+    loader.reader = ShardReader(location, [(s.name, s.sha256, s.bytes) for s in loader.index.shards],
+                                data_suffix="flac", retries=6, backoff_s=0.001, open_fs=open_fs)
+    flaky_batches = list(loader)
+    assert loader.reader.stats.retries == 5 and wrapper.calls > 5
+    loader.close()
+    assert [b["keys"] for b in flaky_batches] == [b["keys"] for b in clean]
+    assert all(torch.equal(a["source"], b["source"]) for a, b in zip(flaky_batches, clean))

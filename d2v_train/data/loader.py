@@ -118,16 +118,18 @@ class StreamingLoader:
         batches = self.plan(self.epoch)
         served = rank_batch_numbers(len(batches), self._start, self.rank, self.world_size, self.policy.tail)
         todo = [(batches[number], padding, self.epoch) for number, padding in served[self._served:]]
-        node = tn.IterableWrapper(todo)
-        node = tn.ParallelMapper(node, self._load, num_workers=self.workers, in_order=True, method="thread")
-        node = tn.Prefetcher(node, prefetch_factor=self.prefetch)
-        if torch.cuda.is_available():
-            node = tn.PinMemory(node)
-        for batch in tn.Loader(node, restart_on_stop_iteration=False):
-            self._served += 1  # handed out = consumed: a state saved now resumes after this batch
-            if batch is None:
-                continue  # every sample came from skipped bad shards
-            yield batch
+        mapper = tn.ParallelMapper(tn.IterableWrapper(todo), self._load, num_workers=self.workers, in_order=True,
+                                   method="thread")
+        prefetcher = tn.Prefetcher(mapper, prefetch_factor=self.prefetch)
+        node = tn.PinMemory(prefetcher) if torch.cuda.is_available() else prefetcher
+        try:
+            for batch in tn.Loader(node, restart_on_stop_iteration=False):
+                self._served += 1  # handed out = consumed: a state saved now resumes after this batch
+                if batch is None:
+                    continue  # every sample came from skipped bad shards
+                yield batch
+        finally:
+            _stop_threads(prefetcher, mapper)
         self.epoch += 1
         self._start = 0
         self._served = 0
@@ -181,3 +183,17 @@ class StreamingLoader:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _stop_threads(*nodes) -> None:
+    """Stop the pipeline's threads from this thread, outermost first.
+
+    When iteration stops early, torchdata 0.11 otherwise leaves the teardown to garbage
+    collection, which can run in one of its own threads and fail to join itself.
+    """
+    for node in nodes:
+        inner = getattr(node, "_it", None)
+        inner = getattr(inner, "_it", inner)  # ParallelMapper wraps its iterator once more
+        shutdown = getattr(inner, "_shutdown", None)
+        if shutdown is not None:
+            shutdown()
