@@ -40,6 +40,28 @@ def image_dataset(tmp_path_factory) -> Path:
     return root / "data"
 
 
+@pytest.fixture(scope="module")
+def speech_on_s3(speech_dataset, s3_server):
+    """The same speech dataset uploaded to the S3 server."""
+    bucket = s3_server.make_bucket()
+    fs = s3_server.filesystem()
+    for path in speech_dataset.rglob("*"):
+        if path.is_file():
+            fs.pipe_file(f"{bucket}/data/{path.relative_to(speech_dataset)}", path.read_bytes())
+    yield Location(f"s3://{bucket}/data", s3_server.storage_options())
+    s3_server.remove_bucket(bucket)
+
+
+WHERE = ["local", pytest.param("s3", marks=pytest.mark.s3)]
+
+
+@pytest.fixture
+def speech_location(request, speech_dataset) -> Location:
+    if request.param == "s3":
+        return request.getfixturevalue("speech_on_s3")
+    return Location(str(speech_dataset))
+
+
 def _epoch(location, policy, split, *, rank=0, world_size=1, seed=0, state=None, limit=None, **options):
     loader = StreamingLoader(location, split, policy, rank=rank, world_size=world_size, seed=seed, workers=2, **options)
     if state:
@@ -67,9 +89,11 @@ def _planned_keys(location, policy, split, seed=0, epoch=0, world_size=1) -> lis
     return keys
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_one_epoch_over_all_ranks_yields_every_planned_sample_once(speech_dataset, world_size):
-    location = Location(str(speech_dataset))
+@pytest.mark.parametrize("speech_location, world_size",
+                         [("local", 1), ("local", 2), ("local", 3), pytest.param("s3", 2, marks=pytest.mark.s3)],
+                         indirect=["speech_location"])
+def test_one_epoch_over_all_ranks_yields_every_planned_sample_once(speech_location, world_size):
+    location = speech_location
     seen = []
     for rank in range(world_size):
         batches, _ = _epoch(location, SPEECH, SPLIT, rank=rank, world_size=world_size)
@@ -96,8 +120,9 @@ def test_epochs_and_seeds_change_the_order_and_runs_repeat(image_dataset):
     assert first[0]["epoch"] == 0 and second[0]["epoch"] == 1
 
 
-def test_resume_in_a_fresh_loader_continues_batch_for_batch(speech_dataset):
-    location = Location(str(speech_dataset))
+@pytest.mark.parametrize("speech_location", WHERE, indirect=True)
+def test_resume_in_a_fresh_loader_continues_batch_for_batch(speech_location):
+    location = speech_location
     full, _ = _epoch(location, SPEECH, SPLIT, seed=4)
     head, state = _epoch(location, SPEECH, SPLIT, seed=4, limit=3)
     tail, _ = _epoch(location, SPEECH, SPLIT, seed=4, state=json.loads(json.dumps(state)))
@@ -107,9 +132,11 @@ def test_resume_in_a_fresh_loader_continues_batch_for_batch(speech_dataset):
         assert torch.equal(a["source"], b["source"]) and torch.equal(a["mask"], b["mask"])
 
 
-@pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_elastic_resume_serves_exactly_the_remaining_samples(speech_dataset, before, after):
-    location = Location(str(speech_dataset))
+@pytest.mark.parametrize("speech_location, before, after",
+                         [("local", 2, 1), ("local", 1, 2), pytest.param("s3", 2, 1, marks=pytest.mark.s3)],
+                         indirect=["speech_location"])
+def test_elastic_resume_serves_exactly_the_remaining_samples(speech_location, before, after):
+    location = speech_location
     first, states = [], []
     for rank in range(before):
         batches, state = _epoch(location, SPEECH, SPLIT, rank=rank, world_size=before, seed=6, limit=2)
@@ -162,20 +189,15 @@ def test_a_missing_shard_is_named_and_skipping_is_counted(image_dataset, tmp_pat
 
 
 @pytest.mark.s3
-def test_the_same_epoch_and_resume_from_s3(speech_dataset, s3_server, s3_bucket):
-    fs = s3_server.filesystem()
-    for path in speech_dataset.rglob("*"):
-        if path.is_file():
-            fs.pipe_file(f"{s3_bucket}/data/{path.relative_to(speech_dataset)}", path.read_bytes())
-    remote = Location(f"s3://{s3_bucket}/data", s3_server.storage_options())
+def test_the_same_epoch_and_resume_from_s3(speech_dataset, speech_on_s3, s3_server):
+    remote = speech_on_s3
     local = Location(str(speech_dataset))
     full_local, _ = _epoch(local, SPEECH, SPLIT, seed=9)
     head, state = _epoch(remote, SPEECH, SPLIT, seed=9, limit=2)
     tail, _ = _epoch(remote, SPEECH, SPLIT, seed=9, state=state)
     assert [b["keys"] for b in head + tail] == [b["keys"] for b in full_local]
     assert all(torch.equal(a["source"], b["source"]) for a, b in zip(head + tail, full_local))
-    result = run_d2v("data", "stream", f"s3://{s3_bucket}/data", "--split", SPLIT, "--max-tokens", "150000",
-                     env=s3_server.env())
+    result = run_d2v("data", "stream", remote.url, "--split", SPLIT, "--max-tokens", "150000", env=s3_server.env())
     assert "audio-s/s" in result.stdout
 
 
