@@ -1,0 +1,149 @@
+"""Model configs: validated pydantic models (a wrong key or value names the field), YAML presets.
+
+One ``ModelConfig`` per preset: the shared Transformer, a modality front-end (discriminated by
+``kind``, so vision and text front-ends slot into the ``frontend`` union), the objective and the
+EMA schedule. Defaults are data2vec v1 speech Base (DATA2VEC.md section 2).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "TransformerConfig",
+    "SpeechEncoderConfig",
+    "ObjectiveConfig",
+    "EMAConfig",
+    "ModelConfig",
+    "load_config",
+    "save_config",
+]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TransformerConfig(_Strict):
+    dim: int = Field(768, gt=0)
+    layers: int = Field(12, gt=0)
+    heads: int = Field(12, gt=0)
+    ffn_dim: int = Field(3072, gt=0)
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    attention_dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    activation_dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    layer_drop: float = Field(0.05, ge=0.0, lt=1.0)
+    drop_path: float = Field(0.0, ge=0.0, lt=1.0)
+    pre_ln: bool = False  # False: post-LN (data2vec audio/text); True: pre-LN (ViT/BEiT)
+    final_ln: bool = False  # a LayerNorm after the last block (pre-LN encoders)
+    layer_norm_eps: float = Field(1e-5, gt=0.0)
+    layer_scale_init: float | None = Field(None, gt=0.0)
+
+    @model_validator(mode="after")
+    def _heads_divide_dim(self):
+        if self.dim % self.heads:
+            raise ValueError(f"heads: dim {self.dim} is not divisible by heads {self.heads}")
+        return self
+
+
+_WAV2VEC2_CNN = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
+
+
+class SpeechEncoderConfig(_Strict):
+    """wav2vec 2.0 / data2vec audio front-end: CNN feature encoder + 5-layer positional conv."""
+
+    kind: Literal["speech"] = "speech"
+    conv_layers: list[tuple[int, int, int]] = Field(
+        default_factory=lambda: list(_WAV2VEC2_CNN),
+        description="(channels, kernel, stride) per Conv1d layer of the feature encoder")
+    conv_bias: bool = False
+    feature_norm: Literal["layer"] = "layer"  # LayerNorm over channels after each conv
+    feature_dropout: float = Field(0.0, ge=0.0, lt=1.0)  # on projected features (dropout_input)
+    pos_conv_layers: int = Field(5, gt=0)
+    pos_conv_kernel: int = Field(19, gt=1)
+    pos_conv_groups: int = Field(16, gt=0)
+
+    @field_validator("conv_layers")
+    @classmethod
+    def _positive(cls, v):
+        if not v or any(min(layer) < 1 for layer in v):
+            raise ValueError("conv_layers: need at least one layer, all (channels, kernel, stride) >= 1")
+        return v
+
+    @property
+    def hop(self) -> int:
+        """Samples per frame (320 for the standard CNN: 50 Hz at 16 kHz)."""
+        hop = 1
+        for _, _, stride in self.conv_layers:
+            hop *= stride
+        return hop
+
+
+class ObjectiveConfig(_Strict):
+    top_k: int = Field(8, gt=0)
+    target: Literal["ffn", "block"] = "ffn"  # ffn: FFN output before the residual (speech/text)
+    instance_norm_targets: bool = True  # per layer, over time, per channel
+    layer_norm_targets: bool = False  # per layer, over channels
+    final_norm: Literal["none", "layer", "instance"] = "none"  # after the top-K average
+    loss: Literal["l2", "smooth_l1"] = "l2"
+    loss_beta: float = Field(0.0, ge=0.0)  # smooth_l1 only
+    loss_scale: float | None = Field(None, gt=0.0)  # None: 1/sqrt(D)
+    head: Literal["linear"] = "linear"
+
+    @model_validator(mode="after")
+    def _beta(self):
+        if self.loss == "smooth_l1" and self.loss_beta <= 0:
+            raise ValueError("loss_beta: smooth_l1 needs loss_beta > 0")
+        return self
+
+
+class EMAConfig(_Strict):
+    tau0: float = Field(0.999, ge=0.0, le=1.0)
+    tau_e: float = Field(0.9999, ge=0.0, le=1.0)
+    tau_n: int = Field(30_000, ge=0)  # updates over which tau goes linearly from tau0 to tau_e
+
+
+class ModelConfig(_Strict):
+    modality: Literal["speech", "vision", "text"] = "speech"
+    encoder: TransformerConfig = TransformerConfig()
+    # vision and text join as a union discriminated by ``kind``
+    frontend: SpeechEncoderConfig = Field(default_factory=SpeechEncoderConfig)
+    objective: ObjectiveConfig = ObjectiveConfig()
+    ema: EMAConfig = EMAConfig()
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.frontend.kind != self.modality:
+            raise ValueError(f"frontend.kind: {self.frontend.kind!r} does not match modality {self.modality!r}")
+        if self.objective.top_k > self.encoder.layers:
+            raise ValueError(f"objective.top_k: {self.objective.top_k} > encoder.layers {self.encoder.layers}")
+        if self.frontend.kind == "speech" and self.encoder.dim % self.frontend.pos_conv_groups:
+            raise ValueError(f"frontend.pos_conv_groups: {self.frontend.pos_conv_groups} does not divide "
+                             f"encoder.dim {self.encoder.dim}")
+        return self
+
+
+def load_config(path: str | Path, overrides: dict | None = None) -> ModelConfig:
+    """A preset from YAML; ``overrides`` (nested dict) replace its values before validation."""
+    data = yaml.safe_load(Path(path).read_text()) or {}
+    if overrides:
+        data = _merge(data, overrides)
+    return ModelConfig.model_validate(data)
+
+
+def save_config(cfg: ModelConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out

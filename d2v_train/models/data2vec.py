@@ -1,0 +1,84 @@
+"""The data2vec objective: a student encoder with a regression head, regressing targets built by
+an EMA teacher (``ema.EMATeacher``, passed in: it lives outside the model's state).
+
+One call = one loss: teacher forward on the unmasked input (no grad, eval), targets from its
+top-K blocks, student forward on the masked input, head and loss at the masked positions.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from d2v_train.models.config import ModelConfig
+from d2v_train.models.ema import EMATeacher
+from d2v_train.models.encoder import Encoder
+from d2v_train.models.loss import regression_loss, std_from_stats, std_stats
+from d2v_train.models.speech import build_speech_encoder
+from d2v_train.models.targets import build_targets, select_masked
+
+__all__ = ["Data2Vec", "Data2VecOutput", "build_encoder", "ENCODERS"]
+
+# modality -> encoder builder; vision and text register here
+ENCODERS = {
+    "speech": lambda cfg: build_speech_encoder(cfg.frontend, cfg.encoder),
+}
+
+
+def build_encoder(cfg: ModelConfig) -> Encoder:
+    if cfg.modality not in ENCODERS:
+        raise ValueError(f"modality: no encoder for {cfg.modality!r} yet (have {sorted(ENCODERS)})")
+    return ENCODERS[cfg.modality](cfg)
+
+
+class Data2VecOutput(NamedTuple):
+    loss_sum: torch.Tensor  # divide by the all-reduced ``count``
+    count: torch.Tensor  # masked positions regressed on this rank
+    target_stats: torch.Tensor  # loss.std_stats: all-reduce (SUM), then std_from_stats
+    pred_stats: torch.Tensor
+
+    @property
+    def target_std(self) -> torch.Tensor:
+        return std_from_stats(self.target_stats)
+
+    @property
+    def pred_std(self) -> torch.Tensor:
+        return std_from_stats(self.pred_stats)
+
+
+class Data2Vec(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.student = build_encoder(cfg)
+        self.head = nn.Linear(cfg.encoder.dim, cfg.encoder.dim)
+
+    def make_teacher(self) -> EMATeacher:
+        """The student's EMA teacher, initialised as a copy of the student (as the reference)."""
+        fe = self.student.frontend
+        return EMATeacher(self.student, skip=[f"frontend.{n}" for n in fe.teacher_skip],
+                          copy_prefixes=[f"frontend.{n}" for n in fe.teacher_copy])
+
+    def forward(self, batch: dict, teacher: EMATeacher) -> Data2VecOutput:
+        """``batch``: {"source", "padding_mask" (True = padded), "mask" (True = masked, on the
+        encoder's frame grid)}."""
+        obj = self.cfg.objective
+        x_BTD, padding_BT = self.student.embed(batch)
+        mask_BT = batch["mask"]
+        if mask_BT.shape != padding_BT.shape:
+            raise ValueError(f"mask: shape {tuple(mask_BT.shape)} does not match the encoder's frames "
+                             f"{tuple(padding_BT.shape)}")
+        mask_BT = mask_BT & ~padding_BT
+
+        with torch.no_grad():
+            t_in = x_BTD.detach() if self.student.frontend.share_features else teacher.embed(batch)[0]
+            layers = teacher(t_in, padding_BT, return_from=self.cfg.encoder.layers - obj.top_k,
+                             target=obj.target).layers
+            y_ND = select_masked(build_targets(layers, padding_BT, obj), mask_BT)
+
+        x_BTD = self.student(x_BTD, padding_BT, mask_BT).x_BTD
+        pred_ND = self.head(select_masked(x_BTD, mask_BT))
+        loss_sum, count = regression_loss(pred_ND, y_ND, obj)
+        return Data2VecOutput(loss_sum, count, std_stats(y_ND), std_stats(pred_ND))
