@@ -1,0 +1,126 @@
+"""The trainer's configuration: one validated model, from a YAML file plus `key.sub=value` overrides.
+
+Unknown keys and bad values are errors that name the field. The model part is a preset name
+(`speech_tiny` -> configs/speech_tiny.yaml), a path, or the model config itself.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from d2v_train.models.config import ModelConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Strict):
+    url: str  # the dataset (folder holding dataset.json), any fsspec URL
+    split: str = "train"
+    max_tokens: int | None = Field(None, gt=0)  # speech: audio samples per batch (per rank)
+    batch_size: int | None = Field(None, gt=0)  # images, text (per rank)
+    min_sample_size: int = 32_000
+    max_sample_size: int = 320_000
+    shuffle_block: int = Field(4, ge=1)
+    workers: int = Field(2, ge=1)
+    io_threads: int = Field(8, ge=1)
+    cache_dir: str | None = None
+    skip_bad_shards: bool = False
+
+    @model_validator(mode="after")
+    def _one_size(self) -> "DataConfig":
+        if (self.max_tokens is None) == (self.batch_size is None):
+            raise ValueError("data: give exactly one of max_tokens (speech) and batch_size")
+        return self
+
+
+class OptimConfig(_Strict):
+    lr: float = Field(5e-4, gt=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    weight_decay: float = Field(0.01, ge=0)
+    schedule: Literal["tri_stage", "cosine", "constant"] = "tri_stage"
+    warmup: float = Field(0.03, ge=0, le=1)  # fraction of max_steps
+    hold: float = Field(0.90, ge=0, le=1)  # tri-stage only
+    final_lr_scale: float = Field(0.05, ge=0, le=1)
+    clip_norm: float | None = Field(None, gt=0)
+
+
+class LoopConfig(_Strict):
+    max_steps: int = Field(gt=0)
+    seed: int = 0
+    grad_accum: int = Field(1, ge=1)
+    log_every: int = Field(1, ge=1)
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    deterministic: bool = False
+
+
+class CheckpointConfig(_Strict):
+    url: str | None = None  # default: {run_dir}/checkpoints
+    every_steps: int = Field(1000, ge=1)
+    keep: int = Field(3, ge=1)
+
+
+class GuardConfig(_Strict):
+    """DATA2VEC.md's collapse guard, and what a non-finite loss does."""
+
+    collapse_after: int = Field(5000, ge=0)  # updates before the guard is armed
+    min_target_std: float = 0.1
+    min_pred_std: float = 0.01
+    nonfinite: Literal["stop", "skip"] = "stop"
+
+
+class TrainConfig(_Strict):
+    model: ModelConfig
+    data: DataConfig
+    optim: OptimConfig = OptimConfig()
+    train: LoopConfig
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    guard: GuardConfig = GuardConfig()
+    run_dir: str = "runs/d2v"
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset(cls, value):
+        """A preset name or a YAML path stands for the model config it holds."""
+        if isinstance(value, str):
+            path = Path(value)
+            if not path.suffix:
+                path = CONFIGS / f"{value}.yaml"
+            if not path.exists():
+                raise ValueError(f"no model preset {value!r} (looked for {path})")
+            return yaml.safe_load(path.read_text())
+        return value
+
+    @property
+    def checkpoint_url(self) -> str:
+        return self.checkpoint.url or f"{self.run_dir.rstrip('/')}/checkpoints"
+
+
+def load_train_config(path: str | None, overrides: list[str]) -> TrainConfig:
+    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = data or {}
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {item!r}: expected key.sub=value")
+        _set(data, key.split("."), yaml.safe_load(raw))
+    return TrainConfig.model_validate(data)
+
+
+def _set(tree: dict, keys: list[str], value) -> None:
+    for key in keys[:-1]:
+        node = tree.get(key)
+        if isinstance(node, str) and key == "model":  # a preset being edited: expand it first
+            node = TrainConfig._preset(node)
+        if not isinstance(node, dict):
+            node = {}
+        tree[key] = node
+        tree = node
+    tree[keys[-1]] = value

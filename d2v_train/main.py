@@ -1,0 +1,41 @@
+"""Pre-train data2vec: `torchrun --nproc_per_node N d2v_train/main.py --config FILE key.sub=value ...`
+(also runs as a single process without torchrun)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script by torchrun
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="d2v_train/main.py", description=__doc__)
+    parser.add_argument("--config", default=None, help="YAML training config")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value (YAML values), e.g. train.max_steps=100")
+    args = parser.parse_args(argv)
+
+    from pydantic import ValidationError
+
+    from d2v_train.config import load_train_config
+
+    try:
+        cfg = load_train_config(args.config, args.overrides)
+    except (ValidationError, ValueError, OSError) as exc:
+        print(f"error: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+
+    from d2v_train.distributed import close_world
+    from d2v_train.trainer import Trainer, TrainingStopped
+
+    try:
+        return Trainer(cfg).train()
+    except TrainingStopped as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        close_world()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
