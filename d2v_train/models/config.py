@@ -1,8 +1,8 @@
 """Model configs: validated pydantic models (a wrong key or value names the field), YAML presets.
 
-One ``ModelConfig`` per preset: the shared Transformer, a modality front-end (discriminated by
-``kind``, so vision and text front-ends slot into the ``frontend`` union), the objective and the
-EMA schedule. Defaults are data2vec v1 speech Base (DATA2VEC.md section 2).
+One ``ModelConfig`` per preset: the shared Transformer, a modality front-end (the ``frontend``
+union, discriminated by ``kind``), the objective and the EMA schedule. Defaults are data2vec v1
+speech Base (DATA2VEC.md section 2).
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 __all__ = [
     "TransformerConfig",
     "SpeechEncoderConfig",
+    "VisionEncoderConfig",
+    "TextEncoderConfig",
     "ObjectiveConfig",
     "EMAConfig",
     "ModelConfig",
@@ -83,6 +85,53 @@ class SpeechEncoderConfig(_Strict):
         return hop
 
 
+class VisionEncoderConfig(_Strict):
+    """BEiT / data2vec vision front-end: a patch embedding (Conv2d, kernel = stride = patch_size),
+    a CLS token and one relative position bias shared by all blocks."""
+
+    kind: Literal["vision"] = "vision"
+    image_size: int = Field(224, gt=0)
+    patch_size: int = Field(16, gt=0)
+    channels: int = Field(3, gt=0)
+
+    @model_validator(mode="after")
+    def _patches_tile(self):
+        if self.image_size % self.patch_size:
+            raise ValueError(f"patch_size: {self.patch_size} does not divide image_size {self.image_size}")
+        return self
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size
+        return side, side
+
+
+class TextEncoderConfig(_Strict):
+    """RoBERTa / data2vec text front-end: token, learned position and token type embeddings, LayerNorm.
+
+    Positions count from ``pad_id + 1`` (RoBERTa, HF), so ``max_positions`` = longest block +
+    pad_id + 1 (514 for 512 tokens with <pad> = 1, as our trained tokenizers and RoBERTa have it).
+    """
+
+    kind: Literal["text"] = "text"
+    vocab_size: int = Field(50265, gt=0)
+    max_positions: int = Field(514, gt=0)
+    type_vocab_size: int = Field(1, gt=0)
+    pad_id: int = Field(1, ge=0)
+
+    @model_validator(mode="after")
+    def _ids_fit(self):
+        if self.pad_id >= self.vocab_size:
+            raise ValueError(f"pad_id: {self.pad_id} is not below vocab_size {self.vocab_size}")
+        if self.max_positions <= self.pad_id + 1:
+            raise ValueError(f"max_positions: {self.max_positions} leaves no position after pad_id + 1")
+        return self
+
+    @property
+    def max_tokens(self) -> int:
+        return self.max_positions - self.pad_id - 1
+
+
 class ObjectiveConfig(_Strict):
     top_k: int = Field(8, gt=0)
     target: Literal["ffn", "block"] = "ffn"  # ffn: FFN output before the residual (speech/text)
@@ -91,8 +140,10 @@ class ObjectiveConfig(_Strict):
     final_norm: Literal["none", "layer", "instance"] = "none"  # after the top-K average
     loss: Literal["l2", "smooth_l1"] = "l2"
     loss_beta: float = Field(0.0, ge=0.0)  # smooth_l1 only
-    loss_scale: float | None = Field(None, gt=0.0)  # None: 1/sqrt(D)
-    head: Literal["linear"] = "linear"
+    # per position, on the loss summed over channels; None: the reference's scale for that loss,
+    # 1/sqrt(D) for l2 (fairseq audio), 1 for smooth_l1 (fairseq text release config)
+    loss_scale: float | None = Field(None, gt=0.0)
+    head: Literal["linear", "mlp"] = "linear"  # mlp: Linear(D, 2D)-GELU-Linear(2D, D) (fairseq text)
 
     @model_validator(mode="after")
     def _beta(self):
@@ -110,10 +161,18 @@ class EMAConfig(_Strict):
 class ModelConfig(_Strict):
     modality: Literal["speech", "vision", "text"] = "speech"
     encoder: TransformerConfig = TransformerConfig()
-    # vision and text join as a union discriminated by ``kind``
-    frontend: SpeechEncoderConfig = Field(default_factory=SpeechEncoderConfig)
+    frontend: SpeechEncoderConfig | VisionEncoderConfig | TextEncoderConfig = Field(
+        default_factory=SpeechEncoderConfig, discriminator="kind")
     objective: ObjectiveConfig = ObjectiveConfig()
     ema: EMAConfig = EMAConfig()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _frontend_kind_defaults_to_modality(cls, data):
+        frontend = data.get("frontend") if isinstance(data, dict) else None
+        if isinstance(frontend, dict) and "kind" not in frontend:
+            data = {**data, "frontend": {**frontend, "kind": data.get("modality", "speech")}}
+        return data
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -18,12 +18,16 @@ from d2v_train.models.encoder import Encoder
 from d2v_train.models.loss import regression_loss, std_from_stats, std_stats
 from d2v_train.models.speech import build_speech_encoder
 from d2v_train.models.targets import build_targets, select_masked
+from d2v_train.models.text import build_text_encoder
+from d2v_train.models.vision import build_vision_encoder
 
-__all__ = ["Data2Vec", "Data2VecOutput", "build_encoder", "ENCODERS"]
+__all__ = ["Data2Vec", "Data2VecOutput", "build_encoder", "build_head", "ENCODERS"]
 
-# modality -> encoder builder; vision and text register here
+# modality -> encoder builder
 ENCODERS = {
     "speech": lambda cfg: build_speech_encoder(cfg.frontend, cfg.encoder),
+    "vision": lambda cfg: build_vision_encoder(cfg.frontend, cfg.encoder),
+    "text": lambda cfg: build_text_encoder(cfg.frontend, cfg.encoder),
 }
 
 
@@ -31,6 +35,18 @@ def build_encoder(cfg: ModelConfig) -> Encoder:
     if cfg.modality not in ENCODERS:
         raise ValueError(f"modality: no encoder for {cfg.modality!r} yet (have {sorted(ENCODERS)})")
     return ENCODERS[cfg.modality](cfg)
+
+
+def build_head(kind: str, dim: int) -> nn.Module:
+    """The regression head: Linear (speech, vision) or fairseq text's 2-layer head, whose hidden
+    width is 2 * dim (``head_layers=2``), BERT-initialised as the rest of that model."""
+    if kind == "linear":
+        return nn.Linear(dim, dim)
+    head = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim))
+    for layer in (head[0], head[2]):
+        nn.init.normal_(layer.weight, std=0.02)
+        nn.init.zeros_(layer.bias)
+    return head
 
 
 class Data2VecOutput(NamedTuple):
@@ -53,7 +69,7 @@ class Data2Vec(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.student = build_encoder(cfg)
-        self.head = nn.Linear(cfg.encoder.dim, cfg.encoder.dim)
+        self.head = build_head(cfg.objective.head, cfg.encoder.dim)
 
     def make_teacher(self) -> EMATeacher:
         """The student's EMA teacher, initialised as a copy of the student (as the reference)."""
@@ -62,18 +78,18 @@ class Data2Vec(nn.Module):
                           copy_prefixes=[f"frontend.{n}" for n in fe.teacher_copy])
 
     def forward(self, batch: dict, teacher: EMATeacher) -> Data2VecOutput:
-        """``batch``: {"source", "padding_mask" (True = padded), "mask" (True = masked, on the
-        encoder's frame grid)}."""
-        obj = self.cfg.objective
+        """``batch``: the loader's for the modality, e.g. speech {"source", "padding_mask" (True =
+        padded), "mask" (True = masked, on the encoder's frame grid)}."""
+        obj, fe = self.cfg.objective, self.student.frontend
         x_BTD, padding_BT = self.student.embed(batch)
-        mask_BT = batch["mask"]
+        mask_BT = fe.target_mask(batch)
         if mask_BT.shape != padding_BT.shape:
             raise ValueError(f"mask: shape {tuple(mask_BT.shape)} does not match the encoder's frames "
                              f"{tuple(padding_BT.shape)}")
         mask_BT = mask_BT & ~padding_BT
 
         with torch.no_grad():
-            t_in = x_BTD.detach() if self.student.frontend.share_features else teacher.embed(batch)[0]
+            t_in = fe.teacher_features(batch, x_BTD) if fe.share_features else batch  # the teacher embeds it
             layers = teacher(t_in, padding_BT, return_from=self.cfg.encoder.layers - obj.top_k,
                              target=obj.target).layers
             y_ND = select_masked(build_targets(layers, padding_BT, obj), mask_BT)

@@ -44,6 +44,16 @@ class Frontend(nn.Module):
         """Additive attention bias shared by all blocks (BEiT relative positions); none by default."""
         return None
 
+    def target_mask(self, batch: dict) -> torch.Tensor:
+        """The positions to regress on the encoder's grid (True = masked): the batch's "mask" by
+        default; vision adds the never-masked CLS, text keeps only the <mask> inputs."""
+        return batch["mask"]
+
+    def teacher_features(self, batch: dict, x_BTD: torch.Tensor) -> torch.Tensor:
+        """The teacher's input when ``share_features``: the student's local features, detached
+        (text re-embeds the unmasked tokens instead)."""
+        return x_BTD.detach()
+
 
 class Encoder(nn.Module):
     def __init__(self, frontend: Frontend, cfg: TransformerConfig):
@@ -56,7 +66,7 @@ class Encoder(nn.Module):
 
     def forward(
         self,
-        x_BTD: torch.Tensor,
+        x_BTD: torch.Tensor | dict,
         padding_BT: torch.Tensor | None = None,
         mask_BT: torch.Tensor | None = None,
         *,
@@ -64,7 +74,11 @@ class Encoder(nn.Module):
         target: Literal["ffn", "block"] = "block",
     ) -> TransformerOutput:
         """Features from ``embed`` -> contextualised output; ``mask_BT`` True = replace by the mask
-        embedding. A batch without padding skips the attention mask (faster kernels)."""
+        embedding. A batch without padding skips the attention mask (faster kernels). ``x_BTD`` may
+        also be a raw batch, embedded here: FSDP2 gathers a root's parameters only around
+        ``forward``, so a teacher that embeds for itself (vision) must do it inside."""
+        if isinstance(x_BTD, dict):
+            x_BTD, padding_BT = self.embed(x_BTD)
         if padding_BT is not None and not padding_BT.any():
             padding_BT = None
         x_BTD = self.frontend.prepare(x_BTD, mask_BT)

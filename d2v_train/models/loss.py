@@ -20,13 +20,15 @@ __all__ = ["regression_loss", "std_stats", "std_from_stats", "masked_std"]
 def regression_loss(pred_ND: torch.Tensor, target_ND: torch.Tensor,
                     cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Per position: L2 or SmoothL1(beta) summed over channels, times ``loss_scale`` (default
-    1/sqrt(D)). Returns (sum over positions, number of positions) in fp32."""
+    1/sqrt(D) for L2, 1 for SmoothL1). Returns (sum over positions, number of positions) in fp32."""
     pred_ND, target_ND = pred_ND.float(), target_ND.float()
     if cfg.loss == "l2":
         per_ND = F.mse_loss(pred_ND, target_ND, reduction="none")
     else:
         per_ND = F.smooth_l1_loss(pred_ND, target_ND, reduction="none", beta=cfg.loss_beta)
-    scale = cfg.loss_scale if cfg.loss_scale is not None else 1.0 / math.sqrt(pred_ND.shape[-1])
+    scale = cfg.loss_scale
+    if scale is None:
+        scale = 1.0 / math.sqrt(pred_ND.shape[-1]) if cfg.loss == "l2" else 1.0
     count = torch.tensor(float(pred_ND.shape[0]), device=pred_ND.device)
     return per_ND.sum() * scale, count
 
