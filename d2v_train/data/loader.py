@@ -25,6 +25,8 @@ from schemas import FrameGrid
 from schemas.arrow import DATA_SUFFIX
 
 STATE_VERSION = 1
+_REQUEST_COLUMNS = ("sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
+                    "mask_offset", "mask_bytes")
 
 
 @dataclass
@@ -122,14 +124,17 @@ class StreamingLoader:
                                    method="thread")
         prefetcher = tn.Prefetcher(mapper, prefetch_factor=self.prefetch)
         node = tn.PinMemory(prefetcher) if torch.cuda.is_available() else prefetcher
+        finished = False
         try:
             for batch in tn.Loader(node, restart_on_stop_iteration=False):
                 self._served += 1  # handed out = consumed: a state saved now resumes after this batch
                 if batch is None:
                     continue  # every sample came from skipped bad shards
                 yield batch
+            finished = True
         finally:
-            _stop_threads(prefetcher, mapper)
+            if not finished:  # a normal end needs no teardown (its threads have ended or are ending)
+                _stop_threads(prefetcher, mapper)
         self.epoch += 1
         self._start = 0
         self._served = 0
@@ -137,12 +142,9 @@ class StreamingLoader:
     def _load(self, item: tuple[GlobalBatch, bool, int]) -> dict:
         plan, padding, epoch = item
         columns = self.index.columns
-        requests = [
-            SampleRequest(int(columns["shard"][i]), columns["key"][i], *(int(columns[name][i]) for name in (
-                "sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
-                "mask_offset", "mask_bytes")))
-            for i in plan.samples
-        ]
+        fields = [columns["shard"][plan.samples].tolist(), columns["key"][plan.samples].tolist()] + [
+            columns[name][plan.samples].tolist() for name in _REQUEST_COLUMNS]
+        requests = [SampleRequest(*values) for values in zip(*fields)]
         fetched = self.reader.read(requests)
         keep = [j for j, sample in enumerate(fetched) if sample is not None]
         variant = epoch % self.variants

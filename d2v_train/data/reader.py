@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field, fields
 from typing import Callable, Mapping, NamedTuple
 
-from pipelines.storage import Location, join
+from pipelines.storage import Location, is_local, join
 
 log = logging.getLogger(__name__)
 
@@ -210,11 +210,15 @@ class ShardReader:
             known_bad = set(self._bad)
         wanted = [p for p, r in enumerate(requests) if r.shard not in known_bad]
         ranges = plan_ranges([requests[p] for p in wanted], self.max_request_bytes, self.max_gap_bytes)
-        pool = self._executor()
+        # A local disk gains nothing from the pool: read in the calling thread (fewer thread
+        # switches holding the GIL on small machines). Remote stores keep the pool and its deadline.
+        inline = self.cache_dir is None and is_local(self._filesystem()[0])
+        pool = None if inline else self._executor()
         futures = []
         for read in ranges:
             read.items = [wanted[i] for i in read.items]
-            futures.append((read, pool.submit(self._fetch, read, requests)))
+            futures.append((read, _run_now(self._fetch, read, requests) if inline
+                            else pool.submit(self._fetch, read, requests)))
         deadline = time.monotonic() + self.timeout_s
         failed: dict[int, ShardError] = {}
         for read, future in futures:
@@ -441,3 +445,13 @@ def _explain(fs, path: str, recorded: int, start: int, end: int, exc: Exception)
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _run_now(fn, *args) -> concurrent.futures.Future:
+    """A finished future holding fn's result or its ShardError."""
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    try:
+        future.set_result(fn(*args))
+    except ShardError as exc:
+        future.set_exception(exc)
+    return future
