@@ -21,18 +21,33 @@ def step_folder(url: str, step: int) -> str:
     return f"{url.rstrip('/')}/step-{step:08d}"
 
 
-def complete_steps(url: str) -> list[int]:
-    """Steps of the complete checkpoints under `url`, oldest first."""
+def _step_folders(url: str) -> dict[int, bool]:
+    """step -> complete, for the step folders under `url`."""
     fs, root = Location(url).filesystem()
-    if not fs.exists(root):
-        return []
     fs.invalidate_cache(root)
-    steps = []
+    if not fs.exists(root):
+        return {}
+    folders = {}
     for path in fs.ls(root, detail=False):
         match = _STEP.search(path.rstrip("/"))
-        if match and fs.exists(f"{path.rstrip('/')}/.metadata"):
-            steps.append(int(match.group(1)))
-    return sorted(steps)
+        if match:
+            folders[int(match.group(1))] = fs.exists(f"{path.rstrip('/')}/.metadata")
+    return folders
+
+
+def complete_steps(url: str) -> list[int]:
+    """Steps of the complete checkpoints under `url`, oldest first."""
+    return sorted(step for step, complete in _step_folders(url).items() if complete)
+
+
+def remove_incomplete(url: str) -> list[int]:
+    """Delete the folders of saves that never finished (a run killed while saving); call it only
+    while nothing is saving. Returns their steps."""
+    fs, root = Location(url).filesystem()
+    steps = sorted(step for step, complete in _step_folders(url).items() if not complete)
+    for step in steps:
+        fs.rm(step_folder(root, step), recursive=True)
+    return steps
 
 
 def resolve(url: str) -> str | None:

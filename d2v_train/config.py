@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from d2v_train.models.config import ModelConfig
 
@@ -59,6 +59,7 @@ class LoopConfig(_Strict):
     log_every: int = Field(1, ge=1)
     dtype: Literal["fp32", "bf16"] = "fp32"
     deterministic: bool = False
+    log_keys: bool = False  # each rank appends {"step", "epoch", "keys"} lines to run_dir/keys-rank{r}.jsonl
 
 
 class CheckpointConfig(_Strict):
@@ -101,6 +102,16 @@ class TrainConfig(_Strict):
     @property
     def checkpoint_url(self) -> str:
         return self.checkpoint.url or f"{self.run_dir.rstrip('/')}/checkpoints"
+
+
+def describe(error: ValidationError) -> str:
+    """One line per wrong field: `train.max_stepz: Extra inputs are not permitted (got 3)`."""
+    lines = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        given = f" (got {item['input']!r})" if item["type"] != "missing" and not isinstance(item["input"], dict) else ""
+        lines.append(f"{field}: {item['msg']}{given}")
+    return "\n".join(lines)
 
 
 def load_train_config(path: str | None, overrides: list[str]) -> TrainConfig:

@@ -1,14 +1,18 @@
 """Process group set-up and FSDP2 wrapping: the same code for one CPU process and many GPUs."""
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import socket
+import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,7 @@ def init_world() -> World:
     if "RANK" not in os.environ:  # plain `python d2v_train/main.py`: a group of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(_free_port()))
+    _die_with_launcher()
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
@@ -35,6 +40,18 @@ def init_world() -> World:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _die_with_launcher() -> None:
+    """torchrun starts each worker in a session of its own: when torchrun itself is killed (SIGKILL,
+    the OOM killer), its workers would otherwise train on as orphans, racing a restarted job for the
+    same checkpoints. On Linux, have the kernel kill this worker when its launcher dies."""
+    if sys.platform != "linux" or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def close_world() -> None:
@@ -48,13 +65,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def shard(module: nn.Module, blocks: list[nn.Module], *, dtype: str, reshard_after_forward: bool = True) -> None:
-    """fully_shard each Transformer block, then the root (FSDP2's recommended grouping)."""
+def shard(module: nn.Module, blocks: list[nn.Module], *, dtype: str, reshard_after_forward: bool = True,
+          sum_gradients: bool = False) -> None:
+    """fully_shard each Transformer block, then the root (FSDP2's recommended grouping).
+
+    `sum_gradients`: reduce-scatter plain sums (no division by the world size) in every FSDP unit,
+    for a loss that the caller normalises by a global count itself.
+    """
+    # A Transformer Block returns its FFN output for the teacher's targets; nn.Linear on (B, T, D)
+    # makes it a view, which FSDP2 warns about since an in-place op on it would skip the pre-backward
+    # hook. Nothing writes to it in place (the teacher reads it under no_grad, the student drops it).
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
+                            category=UserWarning)
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if dtype == "bf16" else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    if sum_gradients:
+        # The divide factor is per FSDP unit (setting it on the root leaves the blocks averaging);
+        # factor 1.0 alone becomes ReduceOp.PREMUL_SUM, which gloo lacks: force a plain SUM.
+        for unit in module.modules():
+            if isinstance(unit, FSDPModule):
+                unit.set_gradient_divide_factor(1.0)
+                unit.set_force_sum_reduction_for_comms(True)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

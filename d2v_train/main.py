@@ -17,11 +17,14 @@ def main(argv: list[str] | None = None) -> int:
 
     from pydantic import ValidationError
 
-    from d2v_train.config import load_train_config
+    from d2v_train.config import describe, load_train_config
 
     try:
         cfg = load_train_config(args.config, args.overrides)
-    except (ValidationError, ValueError, OSError) as exc:
+    except ValidationError as exc:
+        print(f"error: invalid configuration:\n{describe(exc)}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as exc:
         print(f"error: invalid configuration: {exc}", file=sys.stderr)
         return 2
 
@@ -29,9 +32,16 @@ def main(argv: list[str] | None = None) -> int:
     from d2v_train.trainer import Trainer, TrainingStopped
 
     try:
-        return Trainer(cfg).train()
-    except TrainingStopped as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        try:
+            trainer = Trainer(cfg)
+            trainer.resume()
+        except (ValueError, OSError) as exc:  # a dataset or checkpoint that does not fit the config
+            print(f"error: cannot start: {exc}", file=sys.stderr)
+            return 2
+        return trainer.train()
+    except TrainingStopped as exc:  # raised alike on every rank: say it once
+        if trainer.world.main:
+            print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
         close_world()

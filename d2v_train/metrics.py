@@ -1,5 +1,5 @@
 """Training metrics: JSON lines in run_dir (rank 0), optional TensorBoard, a compact progress line,
-and a loss/variance plot at the end."""
+a loss/variance plot at the end, and (opt-in) the sample keys each rank consumed per step."""
 from __future__ import annotations
 
 import json
@@ -14,38 +14,80 @@ class MetricsLog:
         self.enabled = enabled
         self.path = Path(run_dir) / METRICS_FILE
         self._tensorboard = None
+        self._purge_step = None
         if enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tensorboard = SummaryWriter(str(Path(run_dir) / "tensorboard"))
-            except ImportError:  # tensorboard is optional
-                self._tensorboard = None
 
     def write(self, record: dict) -> None:
-        """Append one step's record; a resumed run drops records at or after its first step."""
+        """Append one step's record."""
         if not self.enabled:
             return
         with open(self.path, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
             f.flush()
             os.fsync(f.fileno())
-        if self._tensorboard is not None:
+        board = self._board()
+        if board is not None:
             for key, value in record.items():
                 if key != "step" and isinstance(value, (int, float)):
-                    self._tensorboard.add_scalar(key, value, record["step"])
+                    board.add_scalar(key, value, record["step"])
+
+    def _board(self):
+        if self._tensorboard is None:  # on first use: a resume sets purge_step before
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(str(self.path.parent / "tensorboard"),
+                                                  purge_step=self._purge_step)
+            except ImportError:  # tensorboard is optional
+                self._tensorboard = False
+        return self._tensorboard or None
 
     def truncate_from(self, step: int) -> None:
-        """Forget records of steps >= `step` (they are about to be recomputed after a resume)."""
-        if not self.enabled or not self.path.exists():
-            return
-        kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] < step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        """Forget records of steps >= `step` (they are about to be recomputed after a resume),
+        in TensorBoard too."""
+        if self.enabled:
+            truncate_jsonl(self.path, step)
+            self._purge_step = step
 
     def close(self) -> None:
-        if self._tensorboard is not None:
+        if self._tensorboard:
             self._tensorboard.close()
+
+
+class KeysLog:
+    """Which samples each step consumed on this rank (`train.log_keys`): {"step", "epoch", "keys"}
+    lines in run_dir/keys-rank{r}.jsonl, for checking that a trajectory with restarts covers an
+    epoch exactly once."""
+
+    def __init__(self, run_dir: str, rank: int) -> None:
+        self.path = Path(run_dir) / f"keys-rank{rank}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(self, step: int, epoch: int, keys: list[str]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, "epoch": epoch, "keys": keys}) + "\n")
+
+    @staticmethod
+    def truncate_from(run_dir: str, step: int) -> None:
+        """Forget steps >= `step` in every rank's file (also of ranks an elastic restart no longer has)."""
+        for path in Path(run_dir).glob("keys-rank*.jsonl"):
+            truncate_jsonl(path, step)
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of steps < `step`; a line cut short by a killed process goes too."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if record["step"] < step:
+            kept.append(line)
+    path.write_text("".join(line + "\n" for line in kept))
 
 
 def read_metrics(run_dir: str) -> list[dict]:

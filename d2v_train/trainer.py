@@ -1,18 +1,21 @@
 """The data2vec trainer: FSDP2 student and EMA teacher, streamed batches, checkpoints, metrics.
 
-One step = `grad_accum` micro-batches per rank. The loss is the sum over every rank's masked
-positions divided by their all-reduced count (FSDP's own division by the world size is off),
-so 1 rank and N ranks with the same global batch compute the same update. Random draws
-(dropout, layer drop) are seeded from (seed, step) on every rank: a resumed run repeats them.
+One step = `grad_accum` micro-batches per rank, i.e. world size x grad_accum consecutive global
+batches of the loader's plan: 1 rank with grad_accum 2 and 2 ranks with grad_accum 1 train on the
+same batches. The loss is the sum over every rank's masked positions divided by their all-reduced
+count (FSDP reduces plain sums), so both compute the same update. Random draws (dropout, layer
+drop) are seeded from (seed, step) on every rank: a resumed run repeats them without saved RNG state.
 """
 from __future__ import annotations
 
 import math
 import signal
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -23,12 +26,13 @@ from torch.distributed.checkpoint.state_dict import (
 
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
-from d2v_train.data.loader import StreamingLoader
+from d2v_train.data.loader import STATE_VERSION, StreamingLoader
 from d2v_train.data.plan import BatchPolicy
 from d2v_train.distributed import World, all_reduce_sum, init_world, shard
-from d2v_train.metrics import MetricsLog, plot, progress_line
+from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
 from d2v_train.models.data2vec import Data2Vec
 from d2v_train.models.ema import ema_tau
+from d2v_train.models.loss import std_from_stats
 from d2v_train.schedules import lr_scale
 
 SIGTERM_EXIT = 143
@@ -36,6 +40,14 @@ SIGTERM_EXIT = 143
 
 class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite loss, collapse): the message says why."""
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: weight decay on matrices, none on biases, norms and the mask embedding."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        (decay if param.ndim >= 2 and "mask_emb" not in name else no_decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 class Trainer:
@@ -47,12 +59,11 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = Data2Vec(cfg.model).to(self.world.device)
         self.teacher = self.model.make_teacher().to(self.world.device)
-        shard(self.model, list(self.model.student.transformer.blocks), dtype=cfg.train.dtype)
+        shard(self.model, list(self.model.student.transformer.blocks), dtype=cfg.train.dtype, sum_gradients=True)
         shard(self.teacher, list(self.teacher.module.transformer.blocks), dtype=cfg.train.dtype,
               reshard_after_forward=True)  # a no_grad-only root must reshard, or EMA never reaches it
-        self.model.set_gradient_divide_factor(1.0)
-        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.optim.lr, betas=cfg.optim.betas,
-                                           eps=cfg.optim.eps)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
+                                           betas=cfg.optim.betas, eps=cfg.optim.eps)
         data = cfg.data
         policy = BatchPolicy(batch_size=data.batch_size, max_tokens=data.max_tokens,
                              min_sample_size=data.min_sample_size, max_sample_size=data.max_sample_size,
@@ -60,20 +71,20 @@ class Trainer:
         self.loader = StreamingLoader(data.url, data.split, policy, rank=self.world.rank,
                                       world_size=self.world.size, seed=cfg.train.seed, workers=data.workers,
                                       io_threads=data.io_threads, cache_dir=data.cache_dir,
-                                      skip_bad_shards=data.skip_bad_shards)
+                                      skip_bad_shards=data.skip_bad_shards,
+                                      image_size=getattr(cfg.model.frontend, "image_size", 224))
+        self._check_epoch_fills_a_step()
         self.metrics = MetricsLog(cfg.run_dir, enabled=self.world.main)
+        self.keys_log = KeysLog(cfg.run_dir, self.world.rank) if cfg.train.log_keys else None
         self.step = 0
+        self.resumed_from: str | None = None
+        self._epoch_batches = None  # the loader's iterator over the current epoch
         self._stop_signal = False
-
-    def _param_groups(self) -> list[dict]:
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            (decay if param.ndim >= 2 and "mask_emb" not in name else no_decay).append(param)
-        return [{"params": decay, "weight_decay": self.cfg.optim.weight_decay},
-                {"params": no_decay, "weight_decay": 0.0}]
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state(self) -> dict:
+        # the progress tensor is the same on every rank (DCP stores it once): the loader's state is
+        # global, so it resumes at any world size
         return {
             "model": get_model_state_dict(self.model),
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
@@ -86,66 +97,66 @@ class Trainer:
         return checkpoint.save(self._state(), self.cfg.checkpoint_url, self.step, self.cfg.checkpoint.keep)
 
     def resume(self) -> str | None:
-        """Load the newest complete checkpoint, if there is one; returns its folder."""
-        folder = checkpoint.resolve(self.cfg.checkpoint_url)
-        if folder is None:
-            return None
-        state = self._state()
-        checkpoint.load(state, folder)
-        set_model_state_dict(self.model, state["model"])
-        set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-        set_model_state_dict(self.teacher, state["teacher"])
-        step, epoch, done, seed = (int(v) for v in state["progress"])
-        if seed != self.cfg.train.seed:
-            raise ValueError(f"train.seed: the checkpoint at {folder} was trained with seed {seed}")
-        self.step = step
-        self.loader.load_state_dict({"version": 1, "split": self.loader.split, "seed": seed, "epoch": epoch,
-                                     "global_batches_done": done, "world_size": self.world.size})
-        self.metrics.truncate_from(step + 1)
+        """Load the newest complete checkpoint, if there is one, and forget what was logged after
+        it; returns its folder. Call once, before training."""
+        url = self.cfg.checkpoint_url
+        folder = checkpoint.resolve(url)
+        if folder is not None:
+            state = self._state()
+            checkpoint.load(state, folder)
+            set_model_state_dict(self.model, state["model"])
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+            set_model_state_dict(self.teacher, state["teacher"])
+            step, epoch, done, seed = (int(v) for v in state["progress"])
+            if seed != self.cfg.train.seed:
+                raise ValueError(f"train.seed: the checkpoint at {folder} was trained with seed {seed}, "
+                                 f"not {self.cfg.train.seed}")
+            self.step = step
+            self.loader.load_state_dict({"version": STATE_VERSION, "split": self.loader.split, "seed": seed,
+                                         "epoch": epoch, "global_batches_done": done,
+                                         "world_size": self.world.size})
+        if self.world.main:
+            checkpoint.remove_incomplete(url)
+            self.metrics.truncate_from(self.step + 1)
+            KeysLog.truncate_from(self.cfg.run_dir, self.step + 1)
+        if dist.is_initialized():
+            dist.barrier()  # no rank logs keys before rank 0 has truncated the files
+        self.resumed_from = folder
         return folder
 
     # -- training -----------------------------------------------------------------------------
-    def _batches(self):
-        while True:
-            yielded = False
-            for batch in self.loader:
-                yielded = True
-                yield {k: (v.to(self.world.device, non_blocking=True) if torch.is_tensor(v) else v)
-                       for k, v in batch.items()}
-            if not yielded and self.loader.epoch > 1_000_000:
-                raise RuntimeError("the dataset yields no batches")
-
     def train(self) -> int:
+        """Train to train.max_steps; returns the exit code (0, or 143 after a SIGTERM save)."""
         cfg = self.cfg
-        resumed = self.resume()
         if self.world.main:
-            print(f"{'resumed from ' + resumed if resumed else 'starting'} at step {self.step} "
-                  f"on {self.world.size} rank(s) ({self.world.device.type})", flush=True)
+            where = f"resumed from {self.resumed_from}" if self.resumed_from else "starting"
+            print(f"{where} at step {self.step} on {self.world.size} rank(s) ({self.world.device.type}), "
+                  f"{self.world.size * cfg.train.grad_accum} global batches per step", flush=True)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
-        batches = self._batches()
-        started, samples, audio = time.monotonic(), 0, 0.0
+        started, samples, audio = time.monotonic(), 0.0, 0.0
         try:
             while self.step < cfg.train.max_steps:
-                record = self._train_step(batches)
+                record = self._train_step()
                 samples += record.pop("_samples")
                 audio += record.pop("_audio_s")
+                stop = record.pop("_stop")
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     elapsed = max(time.monotonic() - started, 1e-9)
-                    record.update(samples_per_s=samples / elapsed, epoch=self.loader.epoch)
+                    record["samples_per_s"] = samples / elapsed
                     if audio:
                         record["audio_s_per_s"] = audio / elapsed
                     self.metrics.write(record)
                     if self.world.main:
                         print(progress_line(record), flush=True)
-                if self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
-                    self.save()
-                if self._stopping():
-                    self.save()
+                if stop or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
+                    folder = self.save()
+                if stop:
                     if self.world.main:
-                        print(f"SIGTERM: saved a checkpoint at step {self.step}; exiting", flush=True)
+                        print(f"SIGTERM: saved {folder} at step {self.step}; exiting", flush=True)
                     return SIGTERM_EXIT
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self._close_epoch()
             self.loader.close()
             self.metrics.close()
         if self.world.main:
@@ -153,68 +164,94 @@ class Trainer:
         self._export_encoder()
         return 0
 
-    def _train_step(self, batches) -> dict:
+    def _next_batches(self) -> list[dict]:
+        """This rank's `grad_accum` batches of the next step. A step never straddles epochs: when
+        fewer are left in the epoch (the same count on every rank), they are left out."""
+        accum = self.cfg.train.grad_accum
+        if len(self.loader) < accum:
+            self._close_epoch()
+            self.loader.load_state_dict({**self.loader.state_dict(), "epoch": self.loader.epoch + 1,
+                                         "global_batches_done": 0})
+            self._check_epoch_fills_a_step()
+        if self._epoch_batches is None:
+            self._epoch_batches = iter(self.loader)
+        batches = [next(self._epoch_batches) for _ in range(accum)]
+        return [{k: (v.to(self.world.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                for batch in batches]
+
+    def _check_epoch_fills_a_step(self) -> None:
+        if len(self.loader) < self.cfg.train.grad_accum:
+            raise ValueError(f"data: epoch {self.loader.epoch} of {self.cfg.data.url} has {len(self.loader)} "
+                             f"batches per rank at {self.world.size} rank(s), fewer than "
+                             f"train.grad_accum={self.cfg.train.grad_accum}")
+
+    def _close_epoch(self) -> None:
+        if self._epoch_batches is not None:
+            self._epoch_batches.close()  # stops the loader's threads; its position stays where it was
+            self._epoch_batches = None
+
+    def _train_step(self) -> dict:
         cfg, world = self.cfg, self.world
+        batches = self._next_batches()
+        epoch = self.loader.epoch
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.step)  # same draws on every rank, and on resume
         self.model.train()
-        totals = torch.zeros(2, dtype=torch.float64)  # loss sum, masked positions
-        target_stats = pred_stats = None
-        samples, audio = 0, 0.0
-        for _ in range(cfg.train.grad_accum):
-            batch = next(batches)
+        sums = torch.zeros(5, dtype=torch.float64)  # loss sum, masked positions, samples, audio s, SIGTERM
+        target_stats = pred_stats = 0.0
+        keys = []
+        for batch in batches:
             out = self.model(batch, self.teacher)
             out.loss_sum.backward()
-            totals += torch.stack([out.loss_sum.detach().double().cpu(), out.count.detach().double().cpu()])
-            target_stats = out.target_stats.detach().cpu() if target_stats is None else target_stats + out.target_stats.detach().cpu()
-            pred_stats = out.pred_stats.detach().cpu() if pred_stats is None else pred_stats + out.pred_stats.detach().cpu()
-            samples += len(batch["keys"])
+            sums[:2] += torch.stack([out.loss_sum.detach(), out.count.detach()]).double().cpu()
+            target_stats = out.target_stats.detach().cpu() + target_stats
+            pred_stats = out.pred_stats.detach().cpu() + pred_stats
+            keys += batch["keys"]
             if "source" in batch:
-                audio += batch["source"].shape[0] * batch["source"].shape[1] / 16000
-        all_reduce_sum(totals)
-        all_reduce_sum(target_stats)
-        all_reduce_sum(pred_stats)
-        loss_sum, count = totals.tolist()
+                sums[3] += batch["source"].numel() / self.loader.frame_grid.sample_rate
+        sums[2], sums[4] = len(keys), float(self._stop_signal)
+        reduced = all_reduce_sum(torch.cat([sums, target_stats, pred_stats]))
+        sums, (target_stats, pred_stats) = reduced[:5], reduced[5:].chunk(2)
+        loss_sum, count, samples, audio, stop = sums.tolist()
         loss = loss_sum / max(count, 1.0)
-        for param in self.model.parameters():
-            if param.grad is not None:
-                param.grad.div_(max(count, 1.0))  # the global mean over masked positions
-        from d2v_train.models.loss import std_from_stats
-
-        target_std, pred_std = float(std_from_stats(target_stats)), float(std_from_stats(pred_stats))
-        if not math.isfinite(loss):
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        for param in params:
+            param.grad.div_(max(count, 1.0))  # the global mean over masked positions
+        grads = [p.grad for p in params]
+        norm = torch.nn.utils.get_total_norm(grads)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        lr = cfg.optim.lr * lr_scale(self.step, cfg.train.max_steps, cfg.optim)
+        tau = ema_tau(self.step, cfg.model.ema)
+        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        if skipped:
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.guard.nonfinite == "stop":
-                last = checkpoint.resolve(cfg.checkpoint_url)
-                raise TrainingStopped(f"non-finite loss ({loss}) at step {self.step + 1}; "
-                                      f"the last good checkpoint is {last or 'none'}")
-        clip = cfg.optim.clip_norm if cfg.optim.clip_norm is not None else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
-        lr = cfg.optim.lr * lr_scale(self.step, cfg.train.max_steps, cfg.optim)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        if math.isfinite(loss):
+                raise TrainingStopped(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
+                                      f"{self.step + 1}; the last good checkpoint is "
+                                      f"{checkpoint.resolve(cfg.checkpoint_url) or 'none (none was saved)'}")
+        else:
+            if cfg.optim.clip_norm is not None:
+                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_norm, norm)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
             self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        tau = ema_tau(self.step, cfg.model.ema)
-        self.teacher.update(self.model.student, tau)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.teacher.update(self.model.student, tau)
         self.step += 1
+        if self.keys_log is not None:
+            self.keys_log.write(self.step, epoch, keys)
+        target_std, pred_std = float(std_from_stats(target_stats)), float(std_from_stats(pred_stats))
         if self.step > cfg.guard.collapse_after and (target_std < cfg.guard.min_target_std or
                                                      pred_std < cfg.guard.min_pred_std):
             raise TrainingStopped(f"representation collapse at step {self.step}: target std {target_std:.4f} "
                                   f"(min {cfg.guard.min_target_std}), prediction std {pred_std:.4f} "
-                                  f"(min {cfg.guard.min_pred_std})")
-        samples_all = all_reduce_sum(torch.tensor([samples, audio], dtype=torch.float64)).tolist()
+                                  f"(min {cfg.guard.min_pred_std}); the last good checkpoint is "
+                                  f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
         return {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
-                "pred_std": pred_std, "grad_norm": grad_norm, "masked": int(count),
-                "memory_mb": _memory_mb(world.device), "_samples": samples_all[0], "_audio_s": samples_all[1]}
+                "pred_std": pred_std, "grad_norm": grad_norm, "masked": int(count), "skipped": skipped, "epoch": epoch,
+                "memory_mb": _memory_mb(world.device), "_samples": samples, "_audio_s": audio, "_stop": stop > 0}
 
     def _on_sigterm(self, signum, frame) -> None:
-        self._stop_signal = True
-
-    def _stopping(self) -> bool:
-        flag = torch.tensor([1.0 if self._stop_signal else 0.0])
-        return bool(all_reduce_sum(flag).item() > 0)
+        self._stop_signal = True  # acted on after the step: every rank sees it in the step's all-reduce
 
     def _export_encoder(self) -> None:
         """The final student encoder as one safetensors file (rank 0), for downstream use."""
@@ -224,8 +261,6 @@ class Trainer:
             from safetensors.torch import save_file
 
             encoder = {k[len("student."):]: v.contiguous() for k, v in state.items() if k.startswith("student.")}
-            from pathlib import Path
-
             Path(self.cfg.run_dir).mkdir(parents=True, exist_ok=True)
             save_file(encoder, str(Path(self.cfg.run_dir) / "encoder.safetensors"))
         if dist.is_initialized():
