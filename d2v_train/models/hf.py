@@ -62,20 +62,27 @@ def _rename(key: str, table, reverse: bool = False) -> str | None:
     return None
 
 
-def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """d2v speech ``Encoder`` state dict -> HF ``Data2VecAudioModel`` state dict."""
+def split_qkv_and_rename(state: dict[str, torch.Tensor], renames, qkv_name) -> dict[str, torch.Tensor]:
+    """d2v -> HF names: the fused q/k/v projection of block i becomes three tensors named
+    ``qkv_name(i, part, "weight"|"bias")`` (part 0, 1, 2 = q, k, v); the rest by ``renames``."""
     out = {}
     for key, value in state.items():
         m = _QKV.match(key)
         if m:
-            for name, part in zip("qkv", value.chunk(3, dim=0)):
-                out[f"encoder.layers.{m.group(1)}.attention.{name}_proj.{m.group(2)}"] = part.clone()
+            for part, chunk in enumerate(value.chunk(3, dim=0)):
+                out[qkv_name(m.group(1), part, m.group(2))] = chunk.clone()
             continue
-        new = _rename(key, _RENAMES)
+        new = _rename(key, renames)
         if new is None:
             raise ValueError(f"state dict: no HF name for d2v key {key!r}")
         out[new] = value
     return out
+
+
+def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """d2v speech ``Encoder`` state dict -> HF ``Data2VecAudioModel`` state dict."""
+    return split_qkv_and_rename(
+        state, _RENAMES, lambda layer, part, param: f"encoder.layers.{layer}.attention.{'qkv'[part]}_proj.{param}")
 
 
 def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

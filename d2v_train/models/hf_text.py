@@ -11,7 +11,7 @@ import re
 import torch
 
 from d2v_train.models.config import EMAConfig, ModelConfig, ObjectiveConfig, TextEncoderConfig, TransformerConfig
-from d2v_train.models.hf import _rename
+from d2v_train.models.hf import _rename, split_qkv_and_rename
 
 __all__ = ["to_hf_text", "from_hf_text", "hf_text_config", "config_from_hf_text", "text_objective"]
 
@@ -26,7 +26,6 @@ _RENAMES = [
     ("transformer.blocks.{i}.ffn.fc2.", "encoder.layer.{i}.output.dense."),
     ("transformer.blocks.{i}.ffn_norm.", "encoder.layer.{i}.output.LayerNorm."),
 ]
-_QKV = re.compile(r"transformer\.blocks\.(\d+)\.attn\.qkv\.(weight|bias)$")
 _HF_QKV = re.compile(r"encoder\.layer\.(\d+)\.attention\.self\.(query|key|value)\.(weight|bias)$")
 _NAMES = ("query", "key", "value")
 _HF_TASK_PREFIX = "data2vec_text."  # Data2VecTextFor*: the base model lives under it
@@ -35,18 +34,8 @@ _HF_DROPPED = ("pooler.",)
 
 def to_hf_text(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """d2v text ``Encoder`` state dict -> HF ``Data2VecTextModel(add_pooling_layer=False)`` state dict."""
-    out = {}
-    for key, value in state.items():
-        m = _QKV.match(key)
-        if m:
-            for name, part in zip(_NAMES, value.chunk(3, dim=0)):
-                out[f"encoder.layer.{m.group(1)}.attention.self.{name}.{m.group(2)}"] = part.clone()
-            continue
-        new = _rename(key, _RENAMES)
-        if new is None:
-            raise ValueError(f"state dict: no HF name for d2v key {key!r}")
-        out[new] = value
-    return out
+    return split_qkv_and_rename(
+        state, _RENAMES, lambda layer, part, param: f"encoder.layer.{layer}.attention.self.{_NAMES[part]}.{param}")
 
 
 def from_hf_text(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
