@@ -59,8 +59,17 @@ def resolve(url: str) -> str | None:
     return step_folder(url, steps[-1]) if steps else None
 
 
-def save(state: dict, url: str, step: int, keep: int) -> str:
+CONFIG_FILE = "train_config.json"
+
+
+def save(state: dict, url: str, step: int, keep: int, *, config_json: str | None = None) -> str:
+    """`config_json`: the run's configuration, stored beside the tensors (rank 0) so a checkpoint
+    alone is enough to rebuild its model (d2v export-hf, d2v encode)."""
     folder = step_folder(url, step)
+    if config_json is not None and (not dist.is_initialized() or dist.get_rank() == 0):
+        fs, root = Location(folder).filesystem()
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/{CONFIG_FILE}", config_json.encode())
     dcp.save(state, storage_writer=FsspecWriter(folder))
     if not dist.is_initialized() or dist.get_rank() == 0:
         _prune(url, keep)

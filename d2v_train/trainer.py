@@ -94,7 +94,8 @@ class Trainer:
         }
 
     def save(self) -> str:
-        return checkpoint.save(self._state(), self.cfg.checkpoint_url, self.step, self.cfg.checkpoint.keep)
+        return checkpoint.save(self._state(), self.cfg.checkpoint_url, self.step, self.cfg.checkpoint.keep,
+                               config_json=self.cfg.model_dump_json())
 
     def resume(self) -> str | None:
         """Load the newest complete checkpoint, if there is one, and forget what was logged after

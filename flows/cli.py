@@ -16,6 +16,15 @@ def build_parser() -> argparse.ArgumentParser:
     from d2v_train.data.cli import add_arguments as add_stream_arguments
 
     add_stream_arguments(stream)
+    export = subparsers.add_parser("export-hf", help="write a checkpoint's encoder as an HF transformers model folder")
+    export.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
+    export.add_argument("out_dir")
+    encode = subparsers.add_parser("encode", help="representations of audio, image or text files")
+    encode.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
+    encode.add_argument("inputs", nargs="+", metavar="INPUT")
+    encode.add_argument("--out", required=True, help="FILE.npy: (T, D) for one input; (N, T_max, D) zero-padded "
+                        "for several, with their lengths in FILE.lengths.npy")
+    encode.add_argument("--layer", type=int, default=None, help="output of block N (1..layers); default: the final output")
     demo = subparsers.add_parser("demo", help="generate a small corpus in the real layout and run the pipeline on it")
     demo.add_argument("modality", choices=["speech", "vision", "text"])
     demo.add_argument("--out", default="demo", help="folder (or URL) for the corpus and the outputs (default: ./demo)")
@@ -35,6 +44,13 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines import cli as data_cli
 
             return data_cli.run(args)
+        if args.command == "export-hf":
+            from d2v_train.export import export_hf
+
+            print(f"wrote {export_hf(args.checkpoint, args.out_dir)}")
+            return 0
+        if args.command == "encode":
+            return _encode(args)
         if args.command == "demo":
             from flows.demo import run_demo
 
@@ -47,6 +63,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
+
+
+def _encode(args) -> int:
+    import numpy as np
+
+    from d2v_train.export import encode
+
+    outputs = encode(args.checkpoint, args.inputs, layer=args.layer)
+    if len(outputs) == 1:
+        np.save(args.out, outputs[0])
+    else:
+        lengths = np.array([len(o) for o in outputs], dtype=np.int64)
+        stacked = np.zeros((len(outputs), lengths.max(), outputs[0].shape[1]), dtype=np.float32)
+        for row, output in zip(stacked, outputs):
+            row[: len(output)] = output
+        np.save(args.out, stacked)
+        np.save(args.out[: -len(".npy")] + ".lengths.npy" if args.out.endswith(".npy") else args.out + ".lengths.npy",
+                lengths)
+    print(f"wrote {args.out}: {len(outputs)} input(s), dim {outputs[0].shape[1]}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,117 @@
+"""Pre-trained encoders out of trainer checkpoints: HF model folders (`d2v export-hf`) and
+representations of files (`d2v encode`)."""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
+from d2v_train import checkpoint
+from d2v_train.config import TrainConfig
+from d2v_train.models.data2vec import Data2Vec
+from pipelines.storage import Location
+
+# modality -> (module of the converter, d2v->HF state function, HF config function, model_type, class)
+_HF = {
+    "speech": ("d2v_train.models.hf", "to_hf", "hf_audio_config", "data2vec-audio", "Data2VecAudioModel"),
+    "vision": ("d2v_train.models.hf_vision", "to_hf_vision", "hf_vision_config", "data2vec-vision",
+               "Data2VecVisionModel"),
+    "text": ("d2v_train.models.hf_text", "to_hf_text", "hf_text_config", "data2vec-text", "Data2VecTextModel"),
+}
+
+
+def load_model(url: str) -> tuple[TrainConfig, Data2Vec, str]:
+    """The model of a checkpoint: `url` is one checkpoint folder or a run's checkpoint folder
+    (its newest complete checkpoint is used)."""
+    folder = checkpoint.resolve(url)
+    if folder is None:
+        raise FileNotFoundError(f"no complete checkpoint at {url}")
+    fs, root = Location(folder).filesystem()
+    config_path = f"{root.rstrip('/')}/{checkpoint.CONFIG_FILE}"
+    if not fs.exists(config_path):
+        raise FileNotFoundError(f"{folder} has no {checkpoint.CONFIG_FILE}: not written by d2v's trainer")
+    cfg = TrainConfig.model_validate_json(fs.cat_file(config_path))
+    model = Data2Vec(cfg.model)
+    state = {"model": model.state_dict()}
+    with warnings.catch_warnings():  # one process reading a checkpoint is the intent here
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=FsspecReader(folder))
+    model.load_state_dict(state["model"])
+    return cfg, model.eval(), folder
+
+
+def export_hf(url: str, out_dir: str) -> Path:
+    """config.json + model.safetensors that `from_pretrained` of the matching HF class loads."""
+    from importlib import import_module
+
+    from safetensors.torch import save_file
+
+    cfg, model, folder = load_model(url)
+    module_name, to_hf_name, config_name, model_type, architecture = _HF[cfg.model.modality]
+    module = import_module(module_name)
+    hf_state = getattr(module, to_hf_name)(model.student.state_dict())
+    hf_config = {**getattr(module, config_name)(cfg.model), "model_type": model_type, "architectures": [architecture]}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    save_file({k: v.contiguous() for k, v in hf_state.items()}, str(out / "model.safetensors"))
+    (out / "d2v_checkpoint.txt").write_text(f"{folder}\n")
+    return out
+
+
+@torch.no_grad()
+def encode(url: str, inputs: list[str], *, layer: int | None = None) -> list[np.ndarray]:
+    """(T, D) representations per input file: the final output by default, or block `layer`'s
+    output (1..layers, HF's hidden_states[layer]); inputs normalised as in pre-training."""
+    cfg, model, _ = load_model(url)
+    layers = cfg.model.encoder.layers
+    if layer is not None and not 1 <= layer <= layers:
+        raise ValueError(f"--layer {layer}: the encoder has blocks 1..{layers}")
+    outputs = []
+    for path in inputs:
+        x_BTD, padding_BT = model.student.embed(_batch(cfg, path))
+        result = model.student(x_BTD, padding_BT, return_from=None if layer is None else layer - 1, target="block")
+        hidden = result.x_BTD if layer is None else result.layers[0]
+        outputs.append(hidden[0].float().numpy())
+    return outputs
+
+
+def _batch(cfg: TrainConfig, path: str) -> dict:
+    from d2v_train.data import decode
+
+    data = Location(path).filesystem()[0].cat_file(Location(path).filesystem()[1])
+    modality = cfg.model.modality
+    if modality == "speech":
+        import soundfile
+
+        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
+        if rate != 16000 or audio.shape[1] != 1:
+            raise ValueError(f"{path}: expected 16 kHz mono audio, got {rate} Hz with {audio.shape[1]} channel(s)")
+        wav = audio[:, 0]
+        wav = (wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)  # as the loader normalises
+        source = torch.from_numpy(wav[None].astype(np.float32))
+        return {"source": source, "padding_mask": torch.zeros_like(source, dtype=torch.bool)}
+    if modality == "vision":
+        size = cfg.model.frontend.image_size
+        patches = (size // cfg.model.frontend.patch_size) ** 2
+        mask = io.BytesIO()
+        np.save(mask, np.zeros((1, patches), dtype=bool))
+        image, _ = decode.decode_image(data, mask.getvalue(), variant=0, train=False,
+                                       rng=np.random.default_rng(0), size=size, eval_resize=round(size * 256 / 224))
+        return {"image": torch.from_numpy(np.ascontiguousarray(image))[None],
+                "mask": torch.zeros(1, patches, dtype=torch.bool)}
+    from pipelines.tokenizer import load_tokenizer, special_ids
+
+    tokenizer = load_tokenizer(f"{cfg.data.url.rstrip('/')}/tokenizer")
+    ids = special_ids(tokenizer)
+    content = tokenizer.encode(data.decode("utf-8"), add_special_tokens=False).ids[: cfg.model.frontend.max_positions - cfg.model.frontend.pad_id - 3]
+    tokens = [ids["bos_id"]] + content + [ids["eos_id"]]
+    tokens_BT = torch.tensor([tokens], dtype=torch.int64)
+    return {"tokens": tokens_BT, "target_tokens": tokens_BT, "padding_mask": torch.zeros_like(tokens_BT, dtype=torch.bool),
+            "mask": torch.zeros_like(tokens_BT, dtype=torch.bool), "target_mask": torch.zeros_like(tokens_BT, dtype=torch.bool)}
