@@ -74,3 +74,49 @@ def test_several_inputs_stack_with_lengths_and_errors_are_clear(trained, tmp_pat
     result = run_d2v("encode", str(checkpoints), flacs[0], "--out", str(tmp_path / "x.npy"), "--layer", "9",
                      check=False)
     assert result.returncode == 2 and "--layer 9" in result.stderr
+
+
+def _train(run_dir, *overrides) -> None:
+    result = subprocess.run([sys.executable, "d2v_train/main.py", *overrides, f"run_dir={run_dir}",
+                             "train.max_steps=2", "checkpoint.every_steps=1"],
+                            cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+
+
+def test_vision_and_text_exports_load_in_hf_and_match_d2v_encode(tmp_path):
+    from d2v_train.data.decode import decode_image
+    from pipelines.tokenizer import load_tokenizer, special_ids
+
+    images = synthetic.make_imagenet(str(tmp_path / "images"), layout="imagefolder", classes=3, train_per_class=6,
+                                     val_per_class=1, seed=1)
+    run_d2v("data", "build", "imagenet", images.source, str(tmp_path / "vdata"), "--image-size", "64",
+            "--patch-size", "8", "--shard-size", "8", "--workers", "0")
+    _train(tmp_path / "vrun", "model=vision_tiny", f"data.url={tmp_path / 'vdata'}", "data.batch_size=4")
+    run_d2v("export-hf", str(tmp_path / "vrun" / "checkpoints"), str(tmp_path / "vhf"))
+    image = sorted(p for p in images.files if "/val/" in p)[0]
+    run_d2v("encode", str(tmp_path / "vrun" / "checkpoints"), image, "--out", str(tmp_path / "v.npy"))
+    mask = io.BytesIO()
+    np.save(mask, np.zeros((1, 64), dtype=bool))
+    pixels, _ = decode_image(open(image, "rb").read(), mask.getvalue(), variant=0, train=False,
+                             rng=np.random.default_rng(0), size=64, eval_resize=round(64 * 256 / 224))
+    hf = transformers.Data2VecVisionModel.from_pretrained(tmp_path / "vhf").eval()
+    with torch.no_grad():
+        reference = hf(torch.from_numpy(np.ascontiguousarray(pixels))[None]).last_hidden_state[0].numpy()
+    assert np.abs(np.load(tmp_path / "v.npy") - reference).max() <= 1e-5
+
+    text = synthetic.make_text_corpus(str(tmp_path / "text"), files=2, docs_per_file=8, seed=1)
+    run_d2v("data", "build", "text", *text.files, str(tmp_path / "tdata"), "--vocab-size", "600",
+            "--shard-size", "20", "--valid-fraction", "0.1", "--workers", "0")
+    _train(tmp_path / "trun", "model=text_tiny", f"data.url={tmp_path / 'tdata'}", "data.batch_size=4")
+    run_d2v("export-hf", str(tmp_path / "trun" / "checkpoints"), str(tmp_path / "thf"))
+    (tmp_path / "in.txt").write_text("HELLO WORLD. Some text here, café.\n")
+    run_d2v("encode", str(tmp_path / "trun" / "checkpoints"), str(tmp_path / "in.txt"), "--out", str(tmp_path / "t.npy"))
+    tokenizer = load_tokenizer(str(tmp_path / "tdata" / "tokenizer"))
+    ids = special_ids(tokenizer)
+    tokens = [ids["bos_id"], *tokenizer.encode((tmp_path / "in.txt").read_text(), add_special_tokens=False).ids,
+              ids["eos_id"]]
+    hf = transformers.Data2VecTextModel.from_pretrained(tmp_path / "thf", add_pooling_layer=False).eval()
+    with torch.no_grad():
+        reference = hf(torch.tensor([tokens])).last_hidden_state[0].numpy()
+    assert np.abs(np.load(tmp_path / "t.npy") - reference).max() <= 1e-5
