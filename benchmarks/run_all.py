@@ -7,6 +7,6 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 
-for script in ("bench_masking.py", "bench_build.py", "bench_loader.py", "bench_models.py"):
+for script in ("bench_masking.py", "bench_build.py", "bench_loader.py", "bench_models.py", "bench_trainer.py"):
     print(f"== {script}", flush=True)
     subprocess.run([sys.executable, str(HERE / script)], check=True)
