@@ -65,16 +65,50 @@ CONFIG_FILE = "train_config.json"
 def save(state: dict, url: str, step: int, keep: int, *, config_json: str | None = None) -> str:
     """`config_json`: the run's configuration, stored beside the tensors (rank 0) so a checkpoint
     alone is enough to rebuild its model (d2v export-hf, d2v encode)."""
-    folder = step_folder(url, step)
-    if config_json is not None and (not dist.is_initialized() or dist.get_rank() == 0):
-        fs, root = Location(folder).filesystem()
-        fs.makedirs(root, exist_ok=True)
-        fs.pipe_file(f"{root}/{CONFIG_FILE}", config_json.encode())
+    folder = _start(url, step, config_json)
     dcp.save(state, storage_writer=FsspecWriter(folder))
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if _main():
         _prune(url, keep)
     if dist.is_initialized():
         dist.barrier()
+    return folder
+
+
+class PendingSave:
+    """An async save in flight. `wait()` returns once its `.metadata` is written (so the checkpoint
+    is complete on every rank: DCP writes it after gathering all ranks' results), then prunes."""
+
+    def __init__(self, future, url: str, keep: int, folder: str) -> None:
+        self.future, self.url, self.keep, self.folder = future, url, keep, folder
+
+    def wait(self) -> str:
+        self.future.result()
+        if _main():
+            _prune(self.url, self.keep)
+        return self.folder
+
+
+def save_async(state: dict, url: str, step: int, keep: int, *, config_json: str | None = None,
+               process_group: dist.ProcessGroup | None = None) -> PendingSave:
+    """Like `save`, but returns after copying `state` (FsspecWriter stages a CPU copy), writing it in
+    a background thread: training may change the tensors at once. The thread runs DCP's planning
+    collectives, so give it a `process_group` of its own (gloo): sharing the training group would
+    interleave them with FSDP's. Call `wait()` on the result before the next save and before exit."""
+    folder = _start(url, step, config_json)
+    future = dcp.async_save(state, storage_writer=FsspecWriter(folder), process_group=process_group)
+    return PendingSave(future, url, keep, folder)
+
+
+def _main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _start(url: str, step: int, config_json: str | None) -> str:
+    folder = step_folder(url, step)
+    if config_json is not None and _main():
+        fs, root = Location(folder).filesystem()
+        fs.makedirs(root, exist_ok=True)
+        fs.pipe_file(f"{root}/{CONFIG_FILE}", config_json.encode())
     return folder
 
 

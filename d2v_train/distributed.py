@@ -91,6 +91,22 @@ def shard(module: nn.Module, blocks: list[nn.Module], *, dtype: str, reshard_aft
                 unit.set_force_sum_reduction_for_comms(True)
 
 
+def prepare_blocks(blocks: list[nn.Module], *, checkpointing: bool = False, compile: bool = False) -> None:
+    """Activation checkpointing, then per-block compile, in place; call before `shard` (torchtitan's
+    order AC -> compile -> FSDP: compile then traces the recompute, FSDP's hooks stay outside the graph).
+
+    The composable `checkpoint` hooks the module itself instead of wrapping it, so parameter names
+    (which the EMA teacher pairs by, and checkpoints are keyed by) do not change.
+    """
+    from torch.distributed._composable import checkpoint
+
+    for block in blocks:
+        if checkpointing:
+            checkpoint(block)
+        if compile:
+            block.compile()
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)

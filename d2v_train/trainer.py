@@ -28,7 +28,7 @@ from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
 from d2v_train.data.loader import STATE_VERSION, StreamingLoader
 from d2v_train.data.plan import BatchPolicy
-from d2v_train.distributed import World, all_reduce_sum, init_world, shard
+from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
 from d2v_train.models.data2vec import Data2Vec
 from d2v_train.models.ema import ema_tau
@@ -59,6 +59,10 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = Data2Vec(cfg.model).to(self.world.device)
         self.teacher = self.model.make_teacher().to(self.world.device)
+        # the teacher never runs backward: nothing to recompute
+        prepare_blocks(list(self.model.student.transformer.blocks), compile=cfg.train.compile,
+                       checkpointing=cfg.train.activation_checkpointing)
+        prepare_blocks(list(self.teacher.module.transformer.blocks), compile=cfg.train.compile)
         shard(self.model, list(self.model.student.transformer.blocks), dtype=cfg.train.dtype, sum_gradients=True)
         shard(self.teacher, list(self.teacher.module.transformer.blocks), dtype=cfg.train.dtype,
               reshard_after_forward=True)  # a no_grad-only root must reshard, or EMA never reaches it
@@ -80,6 +84,10 @@ class Trainer:
         self.resumed_from: str | None = None
         self._epoch_batches = None  # the loader's iterator over the current epoch
         self._stop_signal = False
+        self._pending_save: checkpoint.PendingSave | None = None
+        # async saves run DCP's collectives in a thread: on a group of their own (a collective call)
+        self._save_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save and dist.is_initialized() \
+            else None
 
     # -- checkpoints --------------------------------------------------------------------------
     def _state(self) -> dict:
@@ -94,8 +102,21 @@ class Trainer:
         }
 
     def save(self) -> str:
-        return checkpoint.save(self._state(), self.cfg.checkpoint_url, self.step, self.cfg.checkpoint.keep,
-                               config_json=self.cfg.model_dump_json())
+        """Save this step (after the previous async save completed); with checkpoint.async_save the
+        folder is written in the background and counts once `wait_for_save` returns."""
+        self.wait_for_save()
+        args = (self._state(), self.cfg.checkpoint_url, self.step, self.cfg.checkpoint.keep)
+        if not self.cfg.checkpoint.async_save:
+            return checkpoint.save(*args, config_json=self.cfg.model_dump_json())
+        self._pending_save = checkpoint.save_async(*args, config_json=self.cfg.model_dump_json(),
+                                                   process_group=self._save_group)
+        return self._pending_save.folder
+
+    def wait_for_save(self) -> None:
+        """Block until an async save in flight is complete (its .metadata written), then prune."""
+        if self._pending_save is not None:
+            pending, self._pending_save = self._pending_save, None
+            pending.wait()
 
     def resume(self) -> str | None:
         """Load the newest complete checkpoint, if there is one, and forget what was logged after
@@ -152,11 +173,13 @@ class Trainer:
                 if stop or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
                     folder = self.save()
                 if stop:
+                    self.wait_for_save()
                     if self.world.main:
                         print(f"SIGTERM: saved {folder} at step {self.step}; exiting", flush=True)
                     return SIGTERM_EXIT
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self.wait_for_save()  # a checkpoint counts only once complete: never exit mid-write
             self._close_epoch()
             self.loader.close()
             self.metrics.close()
