@@ -100,6 +100,8 @@ def progress_line(record: dict) -> str:
              f"tau {record['tau']:.5f}", f"target_std {record['target_std']:.3f}", f"pred_std {record['pred_std']:.3f}"]
     if "audio_s_per_s" in record:
         parts.append(f"{record['audio_s_per_s']:.0f} audio-s/s")
+    if "tokens_per_s" in record:
+        parts.append(f"{record['tokens_per_s']:.0f} tokens/s")
     parts.append(f"{record['samples_per_s']:.1f} samples/s")
     return " | ".join(parts)
 

@@ -165,8 +165,8 @@ class Trainer:
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     elapsed = max(time.monotonic() - started, 1e-9)
                     record["samples_per_s"] = samples / elapsed
-                    if audio:
-                        record["audio_s_per_s"] = audio / elapsed
+                    if audio:  # audio seconds for speech, tokens for text
+                        record["tokens_per_s" if cfg.model.modality == "text" else "audio_s_per_s"] = audio / elapsed
                     self.metrics.write(record)
                     if self.world.main:
                         print(progress_line(record), flush=True)
@@ -220,7 +220,7 @@ class Trainer:
         epoch = self.loader.epoch
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.step)  # same draws on every rank, and on resume
         self.model.train()
-        sums = torch.zeros(5, dtype=torch.float64)  # loss sum, masked positions, samples, audio s, SIGTERM
+        sums = torch.zeros(5, dtype=torch.float64)  # loss sum, masked positions, samples, audio s or tokens, SIGTERM
         target_stats = pred_stats = 0.0
         keys = []
         for batch in batches:
@@ -230,8 +230,10 @@ class Trainer:
             target_stats = out.target_stats.detach().cpu() + target_stats
             pred_stats = out.pred_stats.detach().cpu() + pred_stats
             keys += batch["keys"]
-            if "source" in batch:
+            if "source" in batch:  # speech: audio seconds
                 sums[3] += batch["source"].numel() / self.loader.frame_grid.sample_rate
+            elif "tokens" in batch:  # text: tokens that are not padding
+                sums[3] += float((~batch["padding_mask"]).sum())
         sums[2], sums[4] = len(keys), float(self._stop_signal)
         reduced = all_reduce_sum(torch.cat([sums, target_stats, pred_stats]))
         sums, (target_stats, pred_stats) = reduced[:5], reduced[5:].chunk(2)

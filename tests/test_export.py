@@ -109,6 +109,10 @@ def test_vision_and_text_exports_load_in_hf_and_match_d2v_encode(tmp_path):
     run_d2v("data", "build", "text", *text.files, str(tmp_path / "tdata"), "--vocab-size", "600",
             "--shard-size", "20", "--valid-fraction", "0.1", "--workers", "0")
     _train(tmp_path / "trun", "model=text_tiny", f"data.url={tmp_path / 'tdata'}", "data.batch_size=4")
+    import json
+
+    last = json.loads((tmp_path / "trun" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["tokens_per_s"] > 0 and "audio_s_per_s" not in last
     run_d2v("export-hf", str(tmp_path / "trun" / "checkpoints"), str(tmp_path / "thf"))
     (tmp_path / "in.txt").write_text("HELLO WORLD. Some text here, café.\n")
     run_d2v("encode", str(tmp_path / "trun" / "checkpoints"), str(tmp_path / "in.txt"), "--out", str(tmp_path / "t.npy"))
