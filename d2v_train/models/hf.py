@@ -85,26 +85,36 @@ def to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         state, _RENAMES, lambda layer, part, param: f"encoder.layers.{layer}.attention.{'qkv'[part]}_proj.{param}")
 
 
-def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """HF ``Data2VecAudioModel`` (or ``Data2VecAudioFor*``: its task head is dropped) state dict ->
-    d2v speech ``Encoder`` state dict."""
-    if any(k.startswith(_HF_TASK_PREFIX) for k in state):
-        state = {k[len(_HF_TASK_PREFIX):]: v for k, v in state.items() if k.startswith(_HF_TASK_PREFIX)}
+def join_qkv_and_rename(state: dict[str, torch.Tensor], renames, hf_qkv: re.Pattern, parts: tuple[str, ...], *,
+                        task_prefix: str, dropped: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+    """HF -> d2v names: a task model's base is taken from under ``task_prefix``, keys starting
+    with ``dropped`` are left out, the q/k/v projections matched by ``hf_qkv`` (groups: layer,
+    part, weight|bias) are fused in the order of ``parts``; the rest by ``renames``."""
+    if any(k.startswith(task_prefix) for k in state):
+        state = {k[len(task_prefix):]: v for k, v in state.items() if k.startswith(task_prefix)}
     out, qkv = {}, {}
     for key, value in state.items():
-        m = _HF_QKV.match(key)
+        if dropped and key.startswith(dropped):
+            continue
+        m = hf_qkv.match(key)
         if m:
             qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
             continue
-        new = _rename(key, _RENAMES, reverse=True)
+        new = _rename(key, renames, reverse=True)
         if new is None:
             raise ValueError(f"state dict: no d2v name for HF key {key!r}")
         out[new] = value
-    for (layer, kind), parts in qkv.items():
-        if set(parts) != set("qkv"):
-            raise ValueError(f"state dict: layer {layer} {kind} has only {sorted(parts)} of q, k, v")
-        out[f"transformer.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts[c] for c in "qkv"])
+    for (layer, kind), found in qkv.items():
+        if set(found) != set(parts):
+            raise ValueError(f"state dict: layer {layer} {kind} has only {sorted(found)} of {', '.join(parts)}")
+        out[f"transformer.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([found[c] for c in parts])
     return out
+
+
+def from_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """HF ``Data2VecAudioModel`` (or ``Data2VecAudioFor*``: its task head is dropped) state dict ->
+    d2v speech ``Encoder`` state dict."""
+    return join_qkv_and_rename(state, _RENAMES, _HF_QKV, ("q", "k", "v"), task_prefix=_HF_TASK_PREFIX)
 
 
 def fairseq_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

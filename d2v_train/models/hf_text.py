@@ -11,7 +11,7 @@ import re
 import torch
 
 from d2v_train.models.config import EMAConfig, ModelConfig, ObjectiveConfig, TextEncoderConfig, TransformerConfig
-from d2v_train.models.hf import _rename, split_qkv_and_rename
+from d2v_train.models.hf import join_qkv_and_rename, split_qkv_and_rename
 
 __all__ = ["to_hf_text", "from_hf_text", "hf_text_config", "config_from_hf_text", "text_objective"]
 
@@ -41,25 +41,7 @@ def to_hf_text(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def from_hf_text(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """HF ``Data2VecTextModel`` (or ``Data2VecTextFor*``: pooler and heads dropped) state dict ->
     d2v text ``Encoder`` state dict."""
-    if any(k.startswith(_HF_TASK_PREFIX) for k in state):
-        state = {k[len(_HF_TASK_PREFIX):]: v for k, v in state.items() if k.startswith(_HF_TASK_PREFIX)}
-    out, qkv = {}, {}
-    for key, value in state.items():
-        if key.startswith(_HF_DROPPED):
-            continue
-        m = _HF_QKV.match(key)
-        if m:
-            qkv.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = value
-            continue
-        new = _rename(key, _RENAMES, reverse=True)
-        if new is None:
-            raise ValueError(f"state dict: no d2v name for HF key {key!r}")
-        out[new] = value
-    for (layer, kind), parts in qkv.items():
-        if set(parts) != set(_NAMES):
-            raise ValueError(f"state dict: layer {layer} {kind} has only {sorted(parts)} of query, key, value")
-        out[f"transformer.blocks.{layer}.attn.qkv.{kind}"] = torch.cat([parts[c] for c in _NAMES])
-    return out
+    return join_qkv_and_rename(state, _RENAMES, _HF_QKV, _NAMES, task_prefix=_HF_TASK_PREFIX, dropped=_HF_DROPPED)
 
 
 def hf_text_config(cfg: ModelConfig) -> dict:
