@@ -67,10 +67,6 @@ class EMATeacher(nn.Module):
         with torch.no_grad():
             return self.module(*args, **kwargs)
 
-    def embed(self, *args, **kwargs):
-        with torch.no_grad():
-            return self.module.embed(*args, **kwargs)
-
     @torch.no_grad()
     def update(self, student: nn.Module, tau: float) -> None:
         """One EMA step towards ``student`` (same parameter names, same sharding)."""
