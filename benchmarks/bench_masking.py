@@ -6,10 +6,10 @@ Usage: python benchmarks/bench_masking.py [--json OUT] [--utterances 1000] [--va
 import argparse
 import json
 import platform
-import time
 
 import numpy as np
 
+from timing import best_seconds
 from pipelines.masking import (
     compute_block_masks,
     compute_inverse_block_masks,
@@ -26,18 +26,6 @@ def frames(num_samples):
     for kernel, stride in [(10, 5)] + [(3, 2)] * 4 + [(2, 2)] * 2:
         n = (n - kernel) // stride + 1
     return n
-
-
-def best_seconds(fns, repeats):
-    """Best wall time of each function; runs are interleaved so that load from other processes
-    hits every function alike (the minimum is the least disturbed run)."""
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main():

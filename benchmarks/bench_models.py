@@ -9,10 +9,10 @@ Usage: python benchmarks/bench_models.py [--json OUT] [--batch 4] [--seconds 2.0
 import argparse
 import json
 import platform
-import time
 
 import torch
 
+from timing import best_seconds
 from d2v_train.models import Data2Vec, ModelConfig, build_encoder
 from d2v_train.models.hf import from_hf, hf_audio_config
 from d2v_train.models.speech import conv_output_lengths
@@ -27,19 +27,6 @@ def bench_config(args) -> ModelConfig:
         "frontend": {"conv_layers": cnn},
         "objective": {"top_k": min(8, args.layers)},
     })
-
-
-def best_seconds(fns, repeats):
-    """Best wall time of each function, runs interleaved so that machine load hits all alike."""
-    best = {name: float("inf") for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-    return best
 
 
 def main():
@@ -97,7 +84,7 @@ def main():
         teacher.update(model.student, 0.999)
 
     results = best_seconds({"d2v_encoder": d2v_encoder, "hf_encoder": hf_encoder, "student_only": student_only,
-                            "data2vec_step": data2vec_step, "ema_update": ema_only}, args.repeats)
+                            "data2vec_step": data2vec_step, "ema_update": ema_only}, args.repeats, warm_up=True)
     ratio_hf = results["d2v_encoder"] / results["hf_encoder"]
     ratio_step = results["data2vec_step"] / results["student_only"]
     frames = B * T
