@@ -25,3 +25,14 @@ def s3_bucket(s3_server: S3Server) -> Iterator[str]:
     name = s3_server.make_bucket()
     yield name
     s3_server.remove_bucket(name)
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny tensors: a second thread only adds synchronisation (and stalls on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

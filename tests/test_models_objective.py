@@ -17,13 +17,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = load_config(CONFIGS / "speech_tiny.yaml")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _hand_instance_norm(y, valid):

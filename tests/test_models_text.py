@@ -24,13 +24,7 @@ BOS, PAD, EOS, UNK, MASK = 0, 1, 2, 3, 4  # our trained tokenizers' special ids 
 SPECIALS = (BOS, PAD, EOS, UNK, MASK)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pair(cfg=TINY, seed=0, add_pooling_layer=False, **hf_overrides):

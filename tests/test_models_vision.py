@@ -23,13 +23,7 @@ TINY = load_config(CONFIGS / "vision_tiny.yaml")
 P = TINY.frontend.grid[0] * TINY.frontend.grid[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: a second thread only adds synchronisation (and stalls on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _pair(cfg=TINY, seed=0, **hf_overrides):

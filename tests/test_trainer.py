@@ -398,7 +398,7 @@ def test_a_nonfinite_loss_stops_naming_the_last_good_checkpoint(dataset, two_ran
     before = _digest(good)
     # an overflowing learning rate: step 9 is computed from good weights and wrecks them
     result = train(run_dir, str(dataset), "optim.lr=1e30", "train.grad_accum=2", ranks=1, expect=1)
-    assert "non-finite loss" in result.stderr and f"step 10;" in result.stderr
+    assert "non-finite loss" in result.stderr and "step 10;" in result.stderr
     assert f"the last good checkpoint is {good}" in result.stderr
     assert _digest(good) == before
     assert sorted(p.name for p in good.parent.iterdir()) == [good.name]
@@ -414,7 +414,7 @@ def test_skipping_nonfinite_steps_and_sigterm_saving_before_exit_143(dataset, tw
     assert code == 143, out[-3000:]
     records = {r["step"]: r for r in metrics(run_dir)}
     last = max(records)
-    assert 13 <= last < STEPS and f"SIGTERM: saved" in out and f"at step {last};" in out
+    assert 13 <= last < STEPS and "SIGTERM: saved" in out and f"at step {last};" in out
     assert not records[9]["skipped"] and all(records[s]["skipped"] for s in range(10, last + 1))
     folders = run_dir / "checkpoints"
     first = checkpoint_state(folders / f"step-{10:08d}", tmp_path / "a.pt")
