@@ -85,7 +85,8 @@ def encode(url: str, inputs: list[str], *, layer: int | None = None) -> list[np.
 def _batch(cfg: TrainConfig, path: str) -> dict:
     from d2v_train.data import decode
 
-    data = Location(path).filesystem()[0].cat_file(Location(path).filesystem()[1])
+    fs, file_path = Location(path).filesystem()
+    data = fs.cat_file(file_path)
     modality = cfg.model.modality
     if modality == "speech":
         import soundfile
