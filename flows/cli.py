@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     encode.add_argument("--out", required=True, help="FILE.npy: (T, D) for one input; (N, T_max, D) zero-padded "
                         "for several, with their lengths in FILE.lengths.npy")
     encode.add_argument("--layer", type=int, default=None, help="output of block N (1..layers); default: the final output")
+    from d2v_train.eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(subparsers)
     demo = subparsers.add_parser("demo", help="generate a small corpus in the real layout and run the pipeline on it")
     demo.add_argument("modality", choices=["speech", "vision", "text"])
     demo.add_argument("--out", default="demo", help="folder (or URL) for the corpus and the outputs (default: ./demo)")
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines import cli as data_cli
 
             return data_cli.run(args)
+        if args.command == "eval":
+            from d2v_train.eval.cli import run as run_eval
+
+            return run_eval(args)
         if args.command == "export-hf":
             from d2v_train.export import export_hf
 

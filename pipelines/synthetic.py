@@ -105,6 +105,34 @@ def _speech_signal(rng: np.random.Generator, seconds: float, sr: int = SAMPLE_RA
     return pcm[:, 0] if channels == 1 else pcm
 
 
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ'"
+
+
+def _spoken_signal(rng: np.random.Generator, text: str, sr: int = SAMPLE_RATE, channels: int = 1) -> np.ndarray:
+    """int16 audio that says `text` in a toy language a CTC model can learn: each letter is a
+    60-100 ms tone of its own pitch (250 Hz + 125 Hz per letter), letters 20 ms apart, words 120 ms.
+
+    Gives downstream tests and the demo transcribed speech whose WER/CER can really improve.
+    """
+    pieces = [np.zeros(int(0.1 * sr))]
+    for w, word in enumerate(text.split()):
+        if w:
+            pieces.append(np.zeros(int(0.12 * sr)))
+        for letter in word:
+            n = int(rng.uniform(0.06, 0.10) * sr)
+            t = np.arange(n) / sr
+            # pitches 125 Hz apart: wider than a 25 ms frame's resolution, so each letter is one feature
+            f = 250.0 + 125.0 * LETTERS.index(letter) * rng.uniform(0.99, 1.01)
+            envelope = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)  # 10 ms fades
+            pieces.append(envelope * np.sin(2 * np.pi * f * t + rng.uniform(0, 2 * np.pi)))
+            pieces.append(np.zeros(int(0.02 * sr)))
+    pieces.append(np.zeros(int(0.1 * sr)))
+    mono = 0.4 * np.concatenate(pieces)
+    out = np.stack([mono + 0.004 * rng.standard_normal(mono.size) for _ in range(channels)], axis=1)
+    pcm = np.clip(out * 32767, -32768, 32767).astype(np.int16)
+    return pcm[:, 0] if channels == 1 else pcm
+
+
 def _flac_bytes(pcm: np.ndarray, sr: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, pcm, sr, format="FLAC", subtype="PCM_16")
@@ -120,8 +148,14 @@ def make_librispeech(
     speakers: int = 2,
     chapters_per_speaker: int = 2,
     faults: bool = False,
+    spoken: bool = False,
+    words: tuple[int, int] = (4, 20),
 ) -> CorpusSpec:
     """Write `root/LibriSpeech/SUBSET/SPEAKER/CHAPTER/...` as the real tarballs extract.
+
+    Transcripts have `words` (min, max) words. `spoken`: the audio says its transcript in a toy
+    letter-tone language (learnable by CTC; lengths follow the text, `seconds` is ignored);
+    otherwise it is speech-like audio unrelated to the text.
 
     `subsets` maps a subset name (e.g. `train-clean-100`) to its number of good
     utterances, spread over `speakers` x `chapters_per_speaker` chapters; speaker
@@ -177,8 +211,10 @@ def make_librispeech(
                 rel = f"{rel_dir}/{utt}.flac"
                 urng = _rng(seed, utt)
                 if has_text:
-                    words = urng.choice(_SPEECH_WORDS, size=int(urng.integers(4, 21)))
-                    lines.append(f"{utt} {' '.join(words)}")
+                    text = " ".join(urng.choice(_SPEECH_WORDS, size=int(urng.integers(words[0], words[1] + 1))))
+                    lines.append(f"{utt} {text}")
+                elif spoken:  # untranscribed audio still says something
+                    text = " ".join(urng.choice(_SPEECH_WORDS, size=int(words[0])))
                 if what != "good":
                     fault_map[rel] = what
                 if not has_audio:
@@ -189,7 +225,8 @@ def make_librispeech(
                 dur = float(urng.uniform(*seconds))
                 if what == "truncated_audio":
                     dur = max(dur, 1.0)  # long enough that the cut lands inside audio frames
-                data = _flac_bytes(_speech_signal(urng, dur, sr, channels), sr)
+                pcm = _spoken_signal(urng, text, sr, channels) if spoken else _speech_signal(urng, dur, sr, channels)
+                data = _flac_bytes(pcm, sr)
                 out.bytes(rel, data[: len(data) // 2] if what == "truncated_audio" else data)
             out.text(f"{rel_dir}/{spk}-{chap}.trans.txt", "".join(line + "\n" for line in lines))
 
@@ -246,6 +283,40 @@ def _image(rng: np.random.Generator, width: int, height: int) -> Image.Image:
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
+def _class_image(rng: np.random.Generator, width: int, height: int, label: int, classes: int) -> Image.Image:
+    """A picture whose class shows everywhere, so crops of any part keep it: a jittered hue of its
+    own over the whole picture, and its own shape (ellipse, box, triangle, cross) across the middle;
+    a small random shape and noise are distractors. Downstream probes then have something to learn."""
+    import colorsys
+
+    hue = (label + rng.uniform(-0.25, 0.25)) / classes % 1.0
+    rgb = np.array(colorsys.hsv_to_rgb(hue, rng.uniform(0.6, 0.9), rng.uniform(0.55, 0.9))) * 255
+    y, x = np.mgrid[0:height, 0:width]
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * x / width + np.sin(angle) * y / height) / 2.0  # in [-1, 1]
+    base = rgb * (1.0 + 0.15 * ramp[..., None])
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    cx, cy = width * rng.uniform(0.4, 0.6), height * rng.uniform(0.4, 0.6)
+    r = min(width, height) * rng.uniform(0.25, 0.4)
+    ink = tuple(int(v) for v in rgb * rng.uniform(0.3, 0.5))  # the same hue, darker: the middle keeps the class
+    kind = label % 4
+    if kind == 0:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=ink)
+    elif kind == 1:
+        draw.rectangle((cx - r, cy - r, cx + r, cy + r), fill=ink)
+    elif kind == 2:
+        draw.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=ink)
+    else:
+        draw.rectangle((cx - r, cy - r / 3, cx + r, cy + r / 3), fill=ink)
+        draw.rectangle((cx - r / 3, cy - r, cx + r / 3, cy + r), fill=ink)
+    sx, sy = int(rng.integers(0, width)), int(rng.integers(0, height))
+    side = max(2, int(min(width, height) * rng.uniform(0.05, 0.15)))
+    draw.rectangle((sx, sy, sx + side, sy + side), fill=tuple(int(v) for v in rng.integers(0, 256, 3)))
+    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
 def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     if fmt == "JPEG":
@@ -274,8 +345,12 @@ def make_imagenet(
     seed: int = 0,
     size_range: tuple[int, int] = (40, 96),
     faults: bool = False,
+    learnable: bool = False,
 ) -> CorpusSpec:
     """Write an ImageNet-style tree: Kaggle `ilsvrc` layout or torchvision `imagefolder`.
+
+    `learnable`: each picture shows its class (a hue and a shape of its own, jittered), so a
+    linear probe on a small encoder can beat chance; otherwise pictures are unrelated to labels.
 
     `ilsvrc`: `ILSVRC/Data/CLS-LOC/train/WNID/WNID_N.JPEG`, flat
     `ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_NNNNNNNN.JPEG` labelled by
@@ -304,16 +379,18 @@ def make_imagenet(
     lo, hi = size_range
     fault_map: dict[str, str] = {}
 
-    def picture(key: str, minimum: int = 0) -> Image.Image:
+    def picture(key: str, minimum: int = 0, wnid: str | None = None) -> Image.Image:
         irng = _rng(seed, key)
         w, h = (max(int(v), minimum) for v in irng.integers(lo, hi + 1, 2))
+        if learnable and wnid in ordered:
+            return _class_image(irng, w, h, ordered.index(wnid), classes)
         return _image(irng, w, h)
 
     for wnid in ordered:
         numbers = _rng(seed, "train", wnid).choice(100_000, size=train_per_class, replace=False)
         for n in sorted(numbers.tolist()):
             rel = f"{base}train/{wnid}/{wnid}_{n}.JPEG"
-            out.bytes(rel, _encode(picture(rel)))
+            out.bytes(rel, _encode(picture(rel, wnid=wnid)))
 
     if faults:
         frng = _rng(seed, "train-faults")
@@ -327,7 +404,7 @@ def make_imagenet(
                 data = b"\x13\x37\xc0\xde" + frng.bytes(2048)
                 fault_map[rel] = "undecodable_image"
             else:
-                img = picture(rel, minimum=64)  # big enough that half the file ends inside scan data
+                img = picture(rel, minimum=64, wnid=wnid)  # big enough that half the file ends inside scan data
                 if kind == "png":
                     data = _encode(img, "PNG")
                 elif kind == "cmyk":
@@ -351,7 +428,7 @@ def make_imagenet(
         for label, vid in zip(val_labels + extra, ids.tolist()):
             name = f"ILSVRC2012_val_{vid:08d}"
             rel = f"{base}val/{name}.JPEG"
-            img = picture(rel)
+            img = picture(rel, wnid=label)  # the two fault rows are no wnid: unrelated pictures
             if label == "missing_image":
                 fault_map[rel] = label
                 rows.append((name, _boxes(_rng(seed, name), ordered[0], *img.size)))
@@ -372,7 +449,7 @@ def make_imagenet(
     else:
         for i, label in enumerate(val_labels):
             rel = f"val/{label}/ILSVRC2012_val_{i + 1:08d}.JPEG"
-            out.bytes(rel, _encode(picture(rel)))
+            out.bytes(rel, _encode(picture(rel, wnid=label)))
 
     rejects: dict[str, int] = {}
     for reason in fault_map.values():
@@ -491,3 +568,60 @@ def make_text_corpus(
             "splits": {"train": accepted},
         },
     )
+
+
+# --------------------------------------------------------------------------- GLUE-format tasks
+
+# Two word lists from the text corpus's vocabulary (a tokenizer trained on make_text_corpus holds
+# them as whole tokens); a sentence's class is the list it draws more words from.
+_GOOD_WORDS = "river music garden island village city".split()
+_BAD_WORDS = "history system language station network theory".split()
+_FILLER_WORDS = "the of and to in a is that for it as was with be by on not he this are or his from at".split()
+GLUE_TASKS = ("SST-2", "MRPC", "CoLA")
+
+
+def _opinion(rng: np.random.Generator, good: bool) -> str:
+    """Filler words with 2-3 words of one list and fewer of the other, in random places."""
+    major = int(rng.integers(2, 4))
+    minor = int(rng.integers(0, major))
+    words = [str(w) for w in rng.choice(_FILLER_WORDS, size=int(rng.integers(4, 10)))]
+    words += [str(w) for w in rng.choice(_GOOD_WORDS if good else _BAD_WORDS, size=major)]
+    words += [str(w) for w in rng.choice(_BAD_WORDS if good else _GOOD_WORDS, size=minor)]
+    return " ".join(words[i] for i in rng.permutation(len(words)))
+
+
+def make_glue_task(root: str | os.PathLike, task: str = "SST-2", *, train: int = 200, dev: int = 40,
+                   seed: int = 0) -> CorpusSpec:
+    """Write `root/TASK/train.tsv` and `dev.tsv` in the GLUE layout of `task`, with a learnable rule.
+
+    SST-2 (`sentence<TAB>label`) and CoLA (headerless `source, label, *-or-empty, sentence`): label 1
+    when the sentence draws more words from one word list than from another. MRPC (byte-order mark,
+    `Quality<TAB>#1 ID<TAB>#2 ID<TAB>#1 String<TAB>#2 String`): Quality 1 when both sentences lean
+    to the same list. Labels are drawn 50/50; `expected` holds rows and label counts per split.
+    """
+    if task not in GLUE_TASKS:
+        raise ValueError(f"task {task!r}: expected one of {GLUE_TASKS}")
+    source = Path(root).absolute() / task
+    out = _Writer(source)
+    expected: dict = {"splits": {}, "labels": {}}
+    for split, rows in (("train", train), ("dev", dev)):
+        rng = _rng(seed, "glue", task, split)
+        lines, counts = [], {"0": 0, "1": 0}
+        for n in range(rows):
+            label = int(rng.random() < 0.5)
+            counts[str(label)] += 1
+            if task == "MRPC":
+                first = bool(rng.random() < 0.5)
+                second = first if label else not first
+                ids = f"{1000 + 2 * n}\t{1001 + 2 * n}"
+                lines.append(f"{label}\t{ids}\t{_opinion(rng, first)}\t{_opinion(rng, second)}")
+            elif task == "CoLA":
+                lines.append(f"syn{n % 7:02d}\t{label}\t{'' if label else '*'}\t{_opinion(rng, bool(label))}")
+            else:
+                lines.append(f"{_opinion(rng, bool(label))}\t{label}")
+        header = {"SST-2": "sentence\tlabel\n", "MRPC": "\ufeffQuality\t#1 ID\t#2 ID\t#1 String\t#2 String\n",
+                  "CoLA": ""}[task]
+        out.text(f"{split}.tsv", header + "".join(line + "\n" for line in lines))
+        expected["splits"][split] = rows
+        expected["labels"][split] = counts
+    return CorpusSpec(source=str(source), kind="glue", files=out.sorted_files(), expected=expected)

@@ -31,3 +31,6 @@ __all__ = [
     "manifest_schema",
     "rejects_schema",
 ]
+from schemas.evaluation import EVAL_SCHEMA_VERSION, TASKS, EvalResult  # noqa: E402
+
+__all__ += ["EVAL_SCHEMA_VERSION", "TASKS", "EvalResult"]

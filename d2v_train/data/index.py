@@ -17,7 +17,8 @@ _OFFSETS = ("sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_
 
 @dataclass
 class SplitIndex:
-    """One row per sample of a split, in shard order then tar order; columns are numpy arrays."""
+    """One row per sample of a split, in shard order then tar order; columns are numpy arrays
+    (speech also has "transcript", an object array with None where there is none)."""
 
     dataset: Dataset
     location: Location
@@ -62,6 +63,8 @@ class SplitIndex:
             label = table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names \
                 else np.full(rows, -1, dtype=np.int64)
             columns["label"].append(label)
+            if "transcript" in table.column_names:  # speech: None for untranscribed utterances
+                columns.setdefault("transcript", []).append(np.asarray(table.column("transcript").to_pylist(), dtype=object))
         merged = {name: (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
                   for name, parts in columns.items()}
         return cls(dataset, location, split, shards, merged)

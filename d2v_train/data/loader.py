@@ -162,12 +162,15 @@ class StreamingLoader:
                 for j in keep
             ]
             batch = collate.collate_speech(items, keys, pad=plan.crop_length is None)
+            if "transcript" in columns:
+                batch["transcripts"] = [columns["transcript"][plan.samples[j]] for j in keep]
             audio = sum(len(wav) for wav, _ in items) / self.frame_grid.sample_rate
             self.throughput.add(len(items), audio_seconds=audio)
         elif modality == "vision":
             rngs = rng.spawn(len(keep))
             items = [decode.decode_image(fetched[j].data, fetched[j].mask, variant=variant, train=self.train,
-                                         rng=r, size=self.image_size) for j, r in zip(keep, rngs)]
+                                         rng=r, size=self.image_size, eval_resize=round(self.image_size * 256 / 224))
+                     for j, r in zip(keep, rngs)]  # eval keeps ImageNet's 224/256 crop ratio at any size
             labels = [int(columns["label"][plan.samples[j]]) for j in keep]
             batch = collate.collate_images(items, keys, labels)
             self.throughput.add(len(items))

@@ -1,0 +1,120 @@
+"""`d2v eval TASK ...` (and `torchrun d2v_train/eval/main.py TASK ...`): fine-tune or probe an
+encoder on a downstream task and print one JSON result; `d2v eval report` compares results."""
+from __future__ import annotations
+
+import argparse
+import time
+from importlib import import_module
+
+# task -> module with evaluate(args, world, backbone) -> EvalResult (its options: TASK_ARGUMENTS)
+TASKS = {
+    "speech-ctc": "d2v_train.eval.speech_ctc",
+    "image-probe": "d2v_train.eval.image",
+    "image-finetune": "d2v_train.eval.image",
+    "text-cls": "d2v_train.eval.text_cls",
+}
+HELP = {
+    "speech-ctc": "CTC fine-tuning on transcribed speech shards -> WER and CER (greedy decoding)",
+    "image-probe": "linear probe on frozen mean-pooled features -> top-1 and top-5",
+    "image-finetune": "full fine-tuning (mean pool + LayerNorm + linear) -> top-1 and top-5",
+    "text-cls": "sentence (pair) classification from GLUE-format TSV files -> accuracy, F1, MCC",
+}
+
+
+def add_parser(subparsers) -> None:
+    evaluate = subparsers.add_parser("eval", help="downstream evaluation of a checkpoint (or a random baseline)")
+    tasks = evaluate.add_subparsers(dest="eval_task", required=True)
+    for task in TASKS:
+        parser = tasks.add_parser(task, help=HELP[task], description=HELP[task])
+        add_common_arguments(parser)
+        TASK_ARGUMENTS[task](parser)
+    report = tasks.add_parser("report", help="a Markdown report with plots comparing result files")
+    report.add_argument("results", nargs="+", help="JSON files written by `d2v eval ... --out`")
+    report.add_argument("--out", required=True, help="folder for report.md and its PNG plots")
+    report.add_argument("--title", default="d2v evaluation report")
+
+
+def add_common_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True,
+                        help="checkpoint folder/URL, a run's checkpoint folder (newest complete one), or 'random'")
+    parser.add_argument("--model", default=None,
+                        help="with --checkpoint random: a preset (speech_tiny), a YAML file or a checkpoint URL")
+    parser.add_argument("--data", required=True, help="the downstream data (URL)")
+    parser.add_argument("--train-split", required=True)
+    parser.add_argument("--eval-split", required=True)
+    parser.add_argument("--steps", type=int, default=None, help="fine-tuning updates (task default if omitted)")
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (task default if omitted)")
+    parser.add_argument("--batch-size", type=int, default=None, help="per rank (task default if omitted)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--workers", type=int, default=2, help="loader threads per rank")
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--label", default=None, help="the name reports give this run (default: step or 'random')")
+    parser.add_argument("--out", default=None, help="also write the result JSON here (any fsspec URL)")
+
+
+def _speech_ctc_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=1_600_000,
+                        help="audio samples per training batch per rank (whole utterances, padded)")
+    parser.add_argument("--eval-max-tokens", type=int, default=None, help="per evaluation batch (default: --max-tokens)")
+    parser.add_argument("--mask-prob", type=float, default=0.65, help="time-span masking while fine-tuning (0: none)")
+    parser.add_argument("--mask-length", type=int, default=10)
+    parser.add_argument("--mask-channel-prob", type=float, default=0.1, help="channel-span masking (0: none)")
+    parser.add_argument("--mask-channel-length", type=int, default=64, help="capped at a quarter of the model width")
+    parser.add_argument("--freeze-transformer-steps", type=int, default=None,
+                        help="updates that train only the output layer (default: a tenth of --steps)")
+    parser.add_argument("--train-feature-encoder", action="store_true", help="also fine-tune the CNN (frozen by default)")
+    parser.add_argument("--dropout", type=float, default=0.0, help="Transformer dropout and attention dropout")
+    parser.add_argument("--activation-dropout", type=float, default=0.1)
+    parser.add_argument("--layer-drop", type=float, default=0.05)
+
+
+def _image_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
+    parser.add_argument("--weight-decay", type=float, default=None, help="task default if omitted")
+    parser.add_argument("--label-smoothing", type=float, default=0.1, help="fine-tuning only")
+    parser.add_argument("--layer-decay", type=float, default=0.65,
+                        help="fine-tuning only: LR of block i is lr * decay^(layers - i) (BEiT); 1 disables")
+
+
+def _text_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer folder/URL (default: the one of the dataset the checkpoint was pre-trained on)")
+    parser.add_argument("--max-length", type=int, default=512, help="tokens per example, <s> and </s> included")
+    parser.add_argument("--glue-task", default=None,
+                        help="CoLA, SST-2, MRPC, QQP, MNLI, QNLI, RTE, WNLI (default: from the data folder's name); "
+                             "picks the columns and the headline metric")
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+
+
+TASK_ARGUMENTS = {"speech-ctc": _speech_ctc_arguments, "image-probe": _image_arguments,
+                  "image-finetune": _image_arguments, "text-cls": _text_arguments}
+
+
+def run(args) -> int:
+    if args.eval_task == "report":
+        from d2v_train.eval.report import write_report
+
+        path = write_report(args.results, args.out, title=args.title)
+        print(f"wrote {path}")
+        return 0
+    from d2v_train.eval import runtime
+    from d2v_train.eval.backbone import load_backbone
+
+    if args.steps is not None and args.steps < 0:
+        raise ValueError("--steps must be >= 0")
+    world = runtime.start()
+    try:
+        started = time.monotonic()
+        backbone = load_backbone(args.checkpoint, args.model, seed=args.seed)
+        backbone.encoder.to(world.device)
+        result = import_module(TASKS[args.eval_task]).evaluate(args, world, backbone)
+        result.elapsed_s = time.monotonic() - started
+        runtime.emit(result, args.out, world)
+    finally:
+        runtime.stop()
+    return 0
+
+
+def default_label(backbone) -> str:
+    ref = backbone.ref
+    return "random" if ref.step is None and ref.url == "random" else f"step {ref.step}" if ref.step else ref.url

@@ -1,0 +1,323 @@
+"""Image classification on a vision dataset's labels -> top-1 and top-5 (fractions of the eval split).
+
+`image-probe`: the encoder frozen; a logistic regression on standardised mean-pooled patch
+features (CLS left out), extracted once with evaluation transforms and fitted on the cache.
+`image-finetune`: encoder + mean pool + LayerNorm + linear head trained end to end (BEiT's recipe:
+layer-wise LR decay, label smoothing, AdamW, cosine schedule), then scored with evaluation transforms.
+
+Defaults of the options left out:
+  image-probe     --steps 300 AdamW updates of the probe (full batch, or random mini-batches of
+                  16384 features on larger splits), --lr 1e-2 (cosine to 0), --weight-decay 0,
+                  --batch-size 64 images per feature-extraction batch per rank.
+  image-finetune  --steps 200, --lr 5e-4 (10% warm-up, then cosine to 1%), --batch-size 32 per rank,
+                  --weight-decay 0.05 (none on biases, norms and other 1-D parameters).
+--steps 0 is allowed: it scores the untrained head (the probe's zero weights rank classes by index).
+The baseline is the trivial predictor: the train split's classes by frequency, the same for every image.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, closing
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2v_train.config import OptimConfig
+from d2v_train.data.loader import StreamingLoader
+from d2v_train.data.plan import BatchPolicy
+from d2v_train.distributed import World
+from d2v_train.eval import finetune, runtime
+from d2v_train.eval.metrics import topk_correct
+from d2v_train.models.encoder import Encoder
+from d2v_train.schedules import lr_scale
+from pipelines.inspection import read_dataset
+from pipelines.storage import Location
+from schemas.evaluation import CurvePoint, DataRef, EvalResult
+
+PROBE_DEFAULTS = {"steps": 300, "lr": 1e-2, "batch_size": 64, "weight_decay": 0.0}
+FINETUNE_DEFAULTS = {"steps": 200, "lr": 5e-4, "batch_size": 32, "weight_decay": 0.05}
+PROBE_BATCH = 16_384  # features per probe update; smaller splits are fitted full batch
+HEAD_INIT_SCALE = 1e-3  # BEiT: a near-zero head leaves the pre-trained features undisturbed at first
+KS = (1, 5)
+
+
+def evaluate(args, world: World, backbone) -> EvalResult:
+    if backbone.modality != "vision":
+        raise ValueError(f"{args.eval_task} needs a vision encoder; the checkpoint's model is {backbone.modality}")
+    image_size = _image_size(args, backbone.model.frontend)
+    classes = _check_dataset(args)
+    if args.eval_task == "image-probe":
+        return _probe(args, world, backbone, image_size, classes)
+    if args.eval_task == "image-finetune":
+        return _finetune(args, world, backbone, image_size, classes)
+    raise ValueError(f"unknown image task {args.eval_task!r}")
+
+
+def _options(args, defaults: dict) -> tuple:
+    """(steps, lr, batch_size, weight_decay): the user's, or the task's defaults where left out."""
+    return tuple(defaults[name] if getattr(args, name) is None else getattr(args, name) for name in defaults)
+
+
+def _image_size(args, frontend) -> int:
+    size = args.image_size or frontend.image_size
+    if size != frontend.image_size:
+        raise ValueError(f"--image-size {size}: the model takes {frontend.image_size} px images "
+                         f"({frontend.patch_size} px patches); leave the option out to use it")
+    return size
+
+
+def _check_dataset(args) -> int:
+    """The number of classes, after checking the dataset is a labelled vision one with both splits."""
+    dataset, _, _ = read_dataset(Location(args.data))
+    if dataset.modality != "vision":
+        raise ValueError(f"--data {args.data} holds a {dataset.modality} dataset; image tasks need a vision one")
+    for option, split in (("--train-split", args.train_split), ("--eval-split", args.eval_split)):
+        if split not in dataset.splits:
+            raise ValueError(f"{option} {split!r}: the dataset has splits {', '.join(sorted(dataset.splits))}")
+    if not dataset.classes:
+        raise ValueError(f"--data {args.data} names no classes: image tasks need labelled images")
+    return len(dataset.classes)
+
+
+def _loader(args, world: World, split: str, batch_size: int, image_size: int, *, train: bool) -> StreamingLoader:
+    """Training: random crops, shuffled, the tail dropped. Evaluation: centre crops in dataset order,
+    the tail padded (padding batches are skipped) so every image is scored exactly once."""
+    policy = BatchPolicy(batch_size=batch_size, shuffle=train, tail="drop" if train else "pad")
+    loader = StreamingLoader(Location(args.data), split, policy, rank=world.rank, world_size=world.size,
+                             seed=args.seed, train=train, workers=args.workers, image_size=image_size)
+    labels = loader.index.columns["label"]
+    if len(labels) == 0 or (labels < 0).any():
+        loader.close()
+        problem = "is empty" if len(labels) == 0 else "has unlabelled images"
+        raise ValueError(f"split {split!r} of {args.data} {problem}")
+    return loader
+
+
+def pooled_features(encoder: Encoder, image_BCHW: torch.Tensor) -> torch.Tensor:
+    """The mean of the final output's patch tokens (CLS left out): (B, D)."""
+    x_BTD, padding_BT = encoder.embed({"image": image_BCHW})
+    return encoder(x_BTD, padding_BT).x_BTD[:, 1:].mean(dim=1)
+
+
+def majority_baseline(train_labels_N: np.ndarray, eval_labels_M: np.ndarray, classes: int) -> dict[str, float]:
+    """Top-k of always answering the train split's k most frequent classes (ties: lower index first)."""
+    counts_C = np.bincount(train_labels_N, minlength=classes).astype(np.float64)
+    hits = topk_correct(np.broadcast_to(counts_C, (len(eval_labels_M), classes)), eval_labels_M, KS)
+    return _fractions(hits, len(eval_labels_M))
+
+
+def _fractions(hits: dict[int, int], total: int) -> dict[str, float]:
+    return {f"top{k}": hits[k] / total if total else 0.0 for k in KS}
+
+
+def _data_ref(args, train_loader: StreamingLoader, scored: int) -> DataRef:
+    return DataRef(url=Location(args.data).public_url(), train_split=args.train_split, eval_split=args.eval_split,
+                   train_samples=len(train_loader.index), eval_samples=scored)
+
+
+def _label(args, backbone) -> str:
+    from d2v_train.eval.cli import default_label
+
+    return args.label if args.label is not None else default_label(backbone)
+
+
+# -- the linear probe -------------------------------------------------------------------------
+@torch.no_grad()
+def extract_features(encoder: Encoder, loader: StreamingLoader, world: World,
+                     dim: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(keys, labels, features) of the whole split, sorted by key: each rank encodes its share,
+    then all ranks hold all of it, ordered alike whatever the world size."""
+    keys, labels, features = [], [], []
+    for batch in loader:
+        if batch["padding"]:
+            continue
+        features.append(pooled_features(encoder, batch["image"].to(world.device)).float().cpu().numpy())
+        labels.append(batch["label"].numpy())
+        keys += batch["keys"]
+    mine = (keys, np.concatenate(labels) if labels else np.zeros(0, np.int64),
+            np.concatenate(features) if features else np.zeros((0, dim), np.float32))
+    parts = runtime.gather_objects(mine, world)
+    all_keys = np.asarray([k for part in parts for k in part[0]], dtype=object)
+    order = np.argsort(all_keys, kind="stable")
+    if len(set(all_keys.tolist())) != len(all_keys):
+        raise AssertionError("a sample was encoded twice: padding batches must be skipped")
+    return (all_keys[order], np.concatenate([part[1] for part in parts])[order],
+            np.concatenate([part[2] for part in parts])[order])
+
+
+def _probe_batches(x_ND: torch.Tensor, y_N: torch.Tensor, size: int, seed: int) -> Iterator[dict]:
+    """The whole set every update when it fits, else random mini-batches (the same on every rank)."""
+    n = len(y_N)
+    if n <= size:
+        while True:
+            yield {"x": x_ND, "label": y_N}
+    generator = torch.Generator().manual_seed(seed)
+    while True:
+        for idx in torch.randperm(n, generator=generator)[: n - n % size].view(-1, size):
+            idx = idx.to(x_ND.device)
+            yield {"x": x_ND[idx], "label": y_N[idx]}
+
+
+def _probe(args, world: World, backbone, image_size: int, classes: int) -> EvalResult:
+    steps, lr, batch_size, weight_decay = _options(args, PROBE_DEFAULTS)
+    encoder, dim = backbone.encoder.eval().requires_grad_(False), backbone.model.encoder.dim
+    with ExitStack() as stack:
+        train_loader = stack.enter_context(closing(_loader(args, world, args.train_split, batch_size, image_size,
+                                                           train=False)))
+        eval_loader = stack.enter_context(closing(_loader(args, world, args.eval_split, batch_size, image_size,
+                                                          train=False)))
+        runtime.log(world, f"image-probe: encoding {len(train_loader.index)} + {len(eval_loader.index)} images")
+        _, train_y, train_x = extract_features(encoder, train_loader, world, dim)
+        _, eval_y, eval_x = extract_features(encoder, eval_loader, world, dim)
+    # standardised with the train split's statistics: one LR suits every checkpoint's feature scale
+    mean_D, std_D = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+    device = world.device
+    x_ND = torch.from_numpy((train_x - mean_D) / std_D).to(device)
+    y_N = torch.from_numpy(train_y).to(device)
+    probe = nn.Linear(x_ND.shape[1], classes).to(device)
+    nn.init.zeros_(probe.weight)  # a convex problem: the zero start is as good as any, and deterministic
+    nn.init.zeros_(probe.bias)
+    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
+                      warmup=0.0, final_lr_scale=0.0)
+    curve = finetune.fit(probe, _probe_batches(x_ND, y_N, PROBE_BATCH, args.seed),
+                         lambda batch, step: F.cross_entropy(probe(batch["x"]), batch["label"]),
+                         steps=steps, cfg=cfg, world=world, log_every=args.log_every, what="image-probe")
+    with torch.no_grad():
+        logits_MC = probe(torch.from_numpy((eval_x - mean_D) / std_D).to(device)).cpu().numpy()
+    hits = topk_correct(logits_MC, eval_y, KS)
+    return EvalResult(
+        task=args.eval_task, label=_label(args, backbone), metrics=_fractions(hits, len(eval_y)),
+        baseline=majority_baseline(train_y, eval_y, classes), checkpoint=backbone.ref,
+        data=_data_ref(args, train_loader, len(eval_y)), steps=steps, world_size=world.size, seed=args.seed,
+        hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "schedule": "cosine",
+                         "probe_batch": min(PROBE_BATCH, len(train_y)), "image_size": image_size,
+                         "features": "mean of final patch tokens, standardised", "classes": classes},
+        curve=curve,
+    )
+
+
+# -- full fine-tuning -------------------------------------------------------------------------
+class ImageClassifier(nn.Module):
+    """Encoder -> mean of the final patch tokens -> LayerNorm -> linear (data2vec/BEiT fine-tuning)."""
+
+    def __init__(self, encoder: Encoder, dim: int, classes: int, eps: float = 1e-6):
+        super().__init__()
+        self.encoder = encoder
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.head = nn.Linear(dim, classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        with torch.no_grad():
+            self.head.weight.mul_(HEAD_INIT_SCALE)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, image_BCHW: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(pooled_features(self.encoder, image_BCHW)))
+
+
+def layer_depth(name: str, layers: int) -> int:
+    """0 for the patch embedding, CLS and mask tokens; i + 1 for block i; layers + 1 for the rest
+    (final norm, head) and for the relative position bias, which every block shares (BEiT does alike)."""
+    parts = name.split(".")
+    if "blocks" in parts:
+        return int(parts[parts.index("blocks") + 1]) + 1
+    if "rel_pos_bias" in parts:
+        return layers + 1
+    if "frontend" in parts:
+        return 0
+    return layers + 1
+
+
+def layer_decay_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], layers: int, decay: float,
+                       weight_decay: float) -> list[dict]:
+    """AdamW groups, each with an "lr_scale" of decay^(layers + 1 - depth): the head learns at the
+    full LR, block i at decay^(layers - i), the embeddings at decay^(layers + 1). 1-D parameters
+    (biases, norms, tokens) get no weight decay."""
+    if not 0 < decay <= 1:
+        raise ValueError(f"--layer-decay {decay}: expected a value in (0, 1] (1 disables it)")
+    groups: dict[tuple[int, bool], dict] = {}
+    for name, parameter in named_parameters:
+        if not parameter.requires_grad:
+            continue
+        depth, exempt = layer_depth(name, layers), parameter.ndim <= 1
+        group = groups.setdefault((depth, exempt), {"params": [], "weight_decay": 0.0 if exempt else weight_decay,
+                                                    "lr_scale": decay ** (layers + 1 - depth)})
+        group["params"].append(parameter)
+    return [groups[key] for key in sorted(groups)]
+
+
+def train_classifier(model: nn.Module, batches: Iterator[dict], groups: list[dict], *, steps: int, cfg: OptimConfig,
+                     label_smoothing: float, world: World, log_every: int) -> list[CurvePoint]:
+    """finetune.fit's loop with each group's LR scaled by its "lr_scale" (fit sets one LR for all)."""
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    model.train()
+    curve: list[CurvePoint] = []
+    for step in range(steps):
+        lr = cfg.lr * lr_scale(step, steps, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_scale"]
+        batch = next(batches)
+        logits_BC = model(batch["image"].to(world.device))
+        loss = F.cross_entropy(logits_BC, batch["label"].to(world.device), label_smoothing=label_smoothing)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"image-finetune: the loss is {loss.item()} at update {step + 1}: lower --lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        runtime.average_gradients(model, world)
+        optimizer.step()
+        mean_loss = runtime.sum_across([loss.item()], world)[0] / world.size
+        curve.append(CurvePoint(step=step + 1, loss=mean_loss, lr=lr))
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            runtime.log(world, f"image-finetune {step + 1}/{steps} loss {mean_loss:.4f} lr {lr:.2e}")
+    return curve
+
+
+@torch.no_grad()
+def score(model: nn.Module, loader: StreamingLoader, world: World) -> tuple[dict[int, int], int]:
+    """Top-k hits and images scored, summed over ranks (padding batches skipped: each image once)."""
+    model.eval()
+    hits, total = dict.fromkeys(KS, 0), 0
+    for batch in loader:
+        if batch["padding"]:
+            continue
+        logits_BC = model(batch["image"].to(world.device)).float().cpu().numpy()
+        for k, n in topk_correct(logits_BC, batch["label"].numpy(), KS).items():
+            hits[k] += n
+        total += len(batch["keys"])
+    summed = runtime.sum_across([*(hits[k] for k in KS), total], world)
+    return {k: int(v) for k, v in zip(KS, summed)}, int(summed[-1])
+
+
+def _finetune(args, world: World, backbone, image_size: int, classes: int) -> EvalResult:
+    steps, lr, batch_size, weight_decay = _options(args, FINETUNE_DEFAULTS)
+    if not 0 <= args.label_smoothing < 1:
+        raise ValueError(f"--label-smoothing {args.label_smoothing}: expected a value in [0, 1)")
+    enc = backbone.model.encoder
+    torch.manual_seed(args.seed)  # every rank builds the same head
+    model = ImageClassifier(backbone.encoder.requires_grad_(True), enc.dim, classes, enc.layer_norm_eps)
+    model.to(world.device)
+    groups = layer_decay_groups(model.named_parameters(), enc.layers, args.layer_decay, weight_decay)
+    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
+                      warmup=0.1, final_lr_scale=0.01)
+    with ExitStack() as stack:
+        train_loader = stack.enter_context(closing(_loader(args, world, args.train_split, batch_size, image_size,
+                                                           train=True)))
+        eval_loader = stack.enter_context(closing(_loader(args, world, args.eval_split, batch_size, image_size,
+                                                          train=False)))
+        batches = stack.enter_context(closing(finetune.forever(train_loader)))  # closing stops its threads
+        curve = train_classifier(model, batches, groups, steps=steps, cfg=cfg,
+                                 label_smoothing=args.label_smoothing, world=world, log_every=args.log_every)
+        hits, scored = score(model, eval_loader, world)
+    train_labels = train_loader.index.columns["label"]
+    return EvalResult(
+        task=args.eval_task, label=_label(args, backbone), metrics=_fractions(hits, scored),
+        baseline=majority_baseline(train_labels, eval_loader.index.columns["label"], classes),
+        checkpoint=backbone.ref, data=_data_ref(args, train_loader, scored), steps=steps, world_size=world.size,
+        seed=args.seed,
+        hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+                         "global_batch": batch_size * world.size, "layer_decay": args.layer_decay,
+                         "label_smoothing": args.label_smoothing, "schedule": "cosine", "warmup": cfg.warmup,
+                         "betas": list(cfg.betas), "image_size": image_size, "classes": classes},
+        curve=curve,
+    )

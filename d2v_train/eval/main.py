@@ -1,0 +1,18 @@
+"""Evaluate under torchrun: `torchrun --nproc_per_node N d2v_train/eval/main.py TASK --checkpoint ...`
+(the arguments of `d2v eval TASK`; also runs as one plain process)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script by torchrun
+
+
+def main(argv: list[str] | None = None) -> int:
+    from flows.cli import main as d2v_main
+
+    return d2v_main(["eval", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

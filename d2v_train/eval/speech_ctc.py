@@ -1,0 +1,223 @@
+"""`d2v eval speech-ctc`: CTC fine-tuning on transcribed speech shards, then greedy WER and CER.
+
+The recipe of DATA2VEC.md section 6: a linear letter classifier on the encoder, the CNN feature
+encoder frozen, span masking of time steps (mask embedding) and channels while fine-tuning, a
+tri-stage LR (10% / 40% / 50%), and only the classifier trained for the first updates.
+Defaults: 1000 updates, peak LR 5e-5, no weight decay; dropout as fairseq fine-tunes data2vec
+audio (none on activations' inputs and attention, 0.1 on FFN activations, layer drop 0.05). Evaluation batches hold whole utterances
+(padded, never cropped), so every transcribed utterance of the split is scored once.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from d2v_train.config import OptimConfig
+from d2v_train.data.loader import StreamingLoader
+from d2v_train.data.plan import BatchPolicy
+from d2v_train.distributed import World
+from d2v_train.eval import ctc, finetune, runtime
+from d2v_train.eval.backbone import Backbone
+from d2v_train.eval.metrics import ErrorCounts, error_counts
+from d2v_train.models.speech import frame_padding_mask
+from pipelines.masking import compute_span_masks
+from schemas.evaluation import DataRef, EvalResult
+
+DEFAULT_STEPS, DEFAULT_LR = 1000, 5e-5
+
+
+class CTCModel(nn.Module):
+    """The speech encoder with a letter classifier on every frame."""
+
+    def __init__(self, backbone: Backbone, train_feature_encoder: bool = False):
+        super().__init__()
+        self.encoder = backbone.encoder
+        self.classifier = nn.Linear(backbone.model.encoder.dim, len(ctc.SYMBOLS))
+        self.train_feature_encoder = train_feature_encoder
+        for p in self.encoder.frontend.feature_extractor.parameters():
+            p.requires_grad_(train_feature_encoder)
+
+    def forward(self, batch: dict, *, time_mask_BT=None, channel_mask_BD=None,
+                encoder_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logits_BTV, frame padding_BT with True = padded). Masks are drawn by the caller
+        from the frame counts, which `frames` gives before any compute."""
+        fe = self.encoder.frontend
+        with torch.set_grad_enabled(encoder_grad and self.train_feature_encoder and torch.is_grad_enabled()):
+            features_BTC = fe.feature_extractor(batch["source"])
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            x_BTD = fe.feature_projection(features_BTC)
+            padding_BT = frame_padding_mask(batch["padding_mask"], x_BTD.shape[1], fe.conv_geometry)
+            if channel_mask_BD is not None:
+                x_BTD = x_BTD.masked_fill(channel_mask_BD[:, None, :], 0.0)
+            if time_mask_BT is not None:
+                time_mask_BT = time_mask_BT & ~padding_BT
+            x_BTD = self.encoder(x_BTD, padding_BT, time_mask_BT).x_BTD
+        return self.classifier(x_BTD), padding_BT
+
+    def frames(self, batch: dict) -> np.ndarray:
+        """Frames per row, from the sample counts (the CNN's output-length rule)."""
+        from d2v_train.models.speech import conv_output_lengths
+
+        samples_B = (~batch["padding_mask"]).sum(-1)
+        return conv_output_lengths(samples_B.cpu(), self.encoder.frontend.conv_geometry).numpy()
+
+
+def draw_time_masks(frames_B: np.ndarray, prob: float, length: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Span masks over each row's frames; rows shorter than two spans stay unmasked (a short
+    utterance masked whole leaves CTC nothing to align)."""
+    if prob <= 0 or frames_B.size == 0:
+        return None
+    usable_B = frames_B >= 2 * length
+    if not usable_B.any():
+        return None
+    lengths_B = np.where(usable_B, frames_B, frames_B[usable_B].max())
+    mask_BT = compute_span_masks(lengths_B, prob, length, rng)
+    mask_BT[~usable_B] = False
+    T = int(frames_B.max())
+    out_BT = np.zeros((frames_B.size, T), dtype=bool)
+    out_BT[:, : min(T, mask_BT.shape[1])] = mask_BT[:, :T]
+    return out_BT
+
+
+def draw_channel_masks(batch_size: int, dim: int, prob: float, length: int,
+                       rng: np.random.Generator) -> np.ndarray | None:
+    """Span masks over feature channels, the same channels zeroed at every frame of a row."""
+    if prob <= 0:
+        return None
+    length = max(1, min(length, dim // 4))
+    return compute_span_masks(np.full(batch_size, dim), prob, length, rng, min_masks=0)
+
+
+def _transcribed(batches, stats: dict):
+    """Training batches without untranscribed rows (they have nothing to align); label ids attached."""
+    for batch in batches:
+        rows = [i for i, text in enumerate(batch.get("transcripts") or []) if text]
+        if not rows:
+            continue
+        if len(rows) < len(batch["keys"]):
+            index = torch.tensor(rows)
+            samples = int((~batch["padding_mask"][index]).sum(-1).max())
+            batch = {"source": batch["source"][index, :samples], "padding_mask": batch["padding_mask"][index, :samples],
+                     "transcripts": [batch["transcripts"][i] for i in rows]}
+        labels = []
+        for text in batch["transcripts"]:
+            ids, dropped = ctc.encode_transcript(text)
+            stats["dropped_characters"] += dropped
+            labels.append(ids)
+        batch["labels"] = labels
+        yield batch
+
+
+def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
+    if backbone.modality != "speech":
+        raise ValueError(f"speech-ctc needs a speech encoder; the checkpoint's is {backbone.modality}")
+    steps = DEFAULT_STEPS if args.steps is None else args.steps
+    freeze_steps = steps // 10 if args.freeze_transformer_steps is None else args.freeze_transformer_steps
+    if not 0 < args.mask_prob < 1 and args.mask_prob != 0:
+        raise ValueError("--mask-prob must be in [0, 1)")
+    cfg = OptimConfig(lr=args.lr or DEFAULT_LR, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, schedule="tri_stage",
+                      warmup=0.1, hold=0.4, final_lr_scale=0.05)
+    finetune.set_dropout(backbone.encoder, dropout=args.dropout, attention_dropout=args.dropout,
+                         activation_dropout=args.activation_dropout, layer_drop=args.layer_drop)
+    model = CTCModel(backbone, args.train_feature_encoder).to(world.device)
+    torch.manual_seed(args.seed)  # the classifier starts alike on every rank
+    model.classifier.reset_parameters()
+
+    train_loader = StreamingLoader(args.data, args.train_split,
+                                   BatchPolicy(max_tokens=args.max_tokens, shuffle=True, crop=False, tail="drop"),
+                                   rank=world.rank, world_size=world.size, seed=args.seed, train=True,
+                                   workers=args.workers)
+    if train_loader.index.modality != "speech":
+        raise ValueError(f"{args.data} holds {train_loader.index.modality} shards, not speech")
+    transcripts = train_loader.index.columns.get("transcript")
+    train_samples = 0 if transcripts is None else int(sum(1 for t in transcripts if t))
+    if steps and not train_samples:
+        raise ValueError(f"split {args.train_split!r} of {args.data} has no transcribed utterances to fine-tune on")
+    stats = {"dropped_characters": 0}
+    rng = np.random.default_rng([args.seed, world.rank, 17])
+
+    def loss_fn(batch: dict, step: int) -> torch.Tensor:
+        batch = {k: (v.to(world.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        frames_B = model.frames(batch)
+        time_mask = draw_time_masks(frames_B, args.mask_prob, args.mask_length, rng)
+        channel_mask = draw_channel_masks(len(frames_B), backbone.model.encoder.dim, args.mask_channel_prob,
+                                          args.mask_channel_length, rng)
+        logits_BTV, padding_BT = model(
+            batch, time_mask_BT=None if time_mask is None else torch.from_numpy(time_mask).to(world.device),
+            channel_mask_BD=None if channel_mask is None else torch.from_numpy(channel_mask).to(world.device),
+            encoder_grad=step >= freeze_steps)
+        targets = [torch.tensor(ids, dtype=torch.long) for ids in batch["labels"]]
+        log_probs_TBV = F.log_softmax(logits_BTV.float(), dim=-1).transpose(0, 1)
+        loss = F.ctc_loss(log_probs_TBV, torch.cat(targets).to(world.device), (~padding_BT).sum(-1),
+                          torch.tensor([len(t) for t in targets]), blank=ctc.BLANK, reduction="sum",
+                          zero_infinity=True)
+        return loss / max(1, sum(len(t) for t in targets))  # per target letter: batch-size independent
+
+    try:
+        curve = finetune.fit(model, _transcribed(finetune.forever(train_loader), stats), loss_fn, steps=steps,
+                             cfg=cfg, world=world, log_every=args.log_every, what="CTC fine-tune") if steps else []
+    finally:
+        train_loader.close()
+    counts, baseline_counts, scored, skipped = score(model, args, world)
+    dropped = int(runtime.sum_across([stats["dropped_characters"]], world)[0])
+    return EvalResult(
+        task="speech-ctc", label=args.label or _label(backbone),
+        metrics={"wer": counts.wer, "cer": counts.cer},
+        baseline={"wer": baseline_counts.wer, "cer": baseline_counts.cer},
+        checkpoint=backbone.ref,
+        data=DataRef(url=args.data, train_split=args.train_split, eval_split=args.eval_split,
+                     train_samples=train_samples, eval_samples=scored),
+        steps=steps, world_size=world.size, seed=args.seed, curve=curve,
+        hyperparameters={"lr": cfg.lr, "schedule": "tri_stage 10/40/50", "max_tokens": args.max_tokens,
+                         "mask_prob": args.mask_prob, "mask_length": args.mask_length,
+                         "mask_channel_prob": args.mask_channel_prob,
+                         "mask_channel_length": min(args.mask_channel_length, backbone.model.encoder.dim // 4),
+                         "freeze_transformer_steps": freeze_steps,
+                         "train_feature_encoder": args.train_feature_encoder, "decoding": "greedy",
+                         "dropout": args.dropout, "activation_dropout": args.activation_dropout,
+                         "layer_drop": args.layer_drop,
+                         "untranscribed_eval_utterances": skipped, "dropped_characters": dropped,
+                         "word_edits": counts.word_edits, "words": counts.words,
+                         "char_edits": counts.char_edits, "chars": counts.chars},
+    )
+
+
+@torch.no_grad()
+def score(model: CTCModel, args, world: World) -> tuple[ErrorCounts, ErrorCounts, int, int]:
+    """Greedy transcripts of every utterance of the eval split, scored across ranks: (model
+    counts, all-blank counts, utterances scored, untranscribed utterances left out)."""
+    policy = BatchPolicy(max_tokens=args.eval_max_tokens or args.max_tokens, shuffle=False, crop=False, tail="pad")
+    loader = StreamingLoader(args.data, args.eval_split, policy, rank=world.rank, world_size=world.size,
+                             seed=args.seed, train=False, workers=args.workers)
+    model.eval()
+    references, hypotheses, skipped = [], [], 0
+    try:
+        for batch in loader:
+            if batch["padding"]:
+                continue  # a repeat that only evens out the ranks' batch counts
+            batch = {k: (v.to(world.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            logits_BTV, padding_BT = model(batch)
+            best_BT = logits_BTV.argmax(-1).cpu().numpy()
+            frames_B = (~padding_BT).sum(-1).cpu().numpy()
+            for text, best_T, frames in zip(batch.get("transcripts") or [None] * len(frames_B), best_BT, frames_B):
+                if not text:
+                    skipped += 1
+                    continue
+                references.append(ctc.normalise_reference(text))
+                hypotheses.append(ctc.greedy_decode(best_T[:frames]))
+    finally:
+        loader.close()
+    model.train()
+    local = error_counts(references, hypotheses)
+    blank = error_counts(references, [""] * len(references))
+    totals = runtime.sum_across(local.as_list() + blank.as_list() + [len(references), skipped], world)
+    ints = [int(v) for v in totals]
+    return ErrorCounts(*ints[0:4]), ErrorCounts(*ints[4:8]), ints[8], ints[9]
+
+
+def _label(backbone: Backbone) -> str:
+    from d2v_train.eval.cli import default_label
+
+    return default_label(backbone)
