@@ -184,12 +184,17 @@ def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
     )
 
 
+def eval_policy(max_tokens: int) -> BatchPolicy:
+    """Whole utterances in dataset order, padded to the longest of a batch (never cropped, none
+    left out); ranks' missing tail batches are flagged repeats, which scoring skips."""
+    return BatchPolicy(max_tokens=max_tokens, shuffle=False, crop=False, tail="pad")
+
+
 @torch.no_grad()
 def score(model: CTCModel, args, world: World) -> tuple[ErrorCounts, ErrorCounts, int, int]:
     """Greedy transcripts of every utterance of the eval split, scored across ranks: (model
     counts, all-blank counts, utterances scored, untranscribed utterances left out)."""
-    policy = BatchPolicy(max_tokens=args.eval_max_tokens or args.max_tokens, shuffle=False, crop=False, tail="pad")
-    loader = StreamingLoader(args.data, args.eval_split, policy, rank=world.rank, world_size=world.size,
+    loader = StreamingLoader(args.data, args.eval_split, eval_policy(args.eval_max_tokens or args.max_tokens), rank=world.rank, world_size=world.size,
                              seed=args.seed, train=False, workers=args.workers)
     model.eval()
     references, hypotheses, skipped = [], [], 0
