@@ -32,10 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("modality", choices=["speech", "vision", "text"])
     demo.add_argument("--out", default="demo", help="folder (or URL) for the corpus and the outputs (default: ./demo)")
     demo.add_argument("--workers", type=int, default=2)
+    serve = subparsers.add_parser("serve", help="serve the Prefect deployments pretrain/speech, pretrain/vision, "
+                                  "pretrain/text (PREFECT_API_URL names the server)")
+    serve.add_argument("--modalities", default="speech,vision,text", help="comma-separated subset to serve")
+    serve.add_argument("--limit", type=int, default=None, help="flow runs executed at the same time (default: no limit)")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
     try:
@@ -50,7 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "eval":
             from d2v_train.eval.cli import run as run_eval
 
-            return run_eval(args)
+            code = run_eval(args)
+            if exit_after_eval and args.eval_task != "report":
+                _exit_without_teardown(code)
+            return code
         if args.command == "export-hf":
             from d2v_train.export import export_hf
 
@@ -62,6 +69,15 @@ def main(argv: list[str] | None = None) -> int:
             from flows.demo import run_demo
 
             return run_demo(args.modality, args.out, workers=args.workers)
+        if args.command == "serve":
+            from flows.serve import MODALITIES, serve
+
+            chosen = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+            unknown = sorted(set(chosen) - set(MODALITIES))
+            if unknown or not chosen:
+                raise ValueError(f"--modalities: choose from {', '.join(MODALITIES)} (got {args.modalities!r})")
+            serve(chosen, limit=args.limit)
+            return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
@@ -92,5 +108,25 @@ def _encode(args) -> int:
     return 0
 
 
+def entry() -> None:
+    """The `d2v` console script and `python -m flows.cli`."""
+    sys.exit(main(exit_after_eval=True))
+
+
+def _exit_without_teardown(code: int) -> None:
+    """End an evaluation process once its result is out, skipping interpreter teardown.
+
+    A finished evaluation can still have loader threads winding down inside native code
+    (libsndfile, numpy, torch); interpreter teardown stops such daemon threads in place, which
+    sometimes aborts the process ("terminate called without an active exception") after the
+    result was already written. Everything the command owns is closed and flushed by now.
+    """
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

@@ -1,0 +1,375 @@
+"""The Prefect flow `pretrain`: build shards -> pre-train (torchrun) -> evaluate -> report.
+
+Each stage is a task that calls the stage's own entry point (the shard builder, `d2v_train/main.py`,
+`d2v eval`) and records what it produced as artifacts. Everything lands under `output`:
+dataset/ (shards and dataset.json), run/ (checkpoints, metrics.jsonl), eval/ (result JSONs) and
+report/ (report.md and its plots). Re-running with the same parameters skips a finished build and
+resumes training from the newest checkpoint.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Literal
+
+import fsspec
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
+
+from flows.launch import python, run_streamed
+
+Modality = Literal["speech", "vision", "text"]
+Preset = Literal["tiny", "base", "large"]
+
+# What each modality's stages read: the corpus splits to build, the pre-training and fine-tuning
+# splits of the built dataset, and the trainer's batch settings (the rest comes from the presets).
+SPLITS = {"speech": ["train-clean-100", "dev-clean"], "vision": ["train", "val"], "text": None}
+EVAL_TASK = {"speech": "speech-ctc", "vision": "image-probe", "text": "text-cls"}
+TRAIN_DATA = {
+    "speech": ["data.max_tokens=1400000", "data.min_sample_size=32000", "data.max_sample_size=320000"],
+    "vision": ["data.batch_size=64"],
+    "text": ["data.batch_size=32"],
+}
+TINY_TRAIN_DATA = {
+    "speech": ["data.max_tokens=160000", "data.min_sample_size=16000", "data.max_sample_size=48000",
+               "data.workers=2"],
+    "vision": ["data.batch_size=8", "data.workers=1"],
+    "text": ["data.batch_size=4", "data.workers=1"],
+}
+TINY_EVAL_ARGS = {"speech": ["--max-tokens", "200000"], "vision": ["--batch-size", "8"], "text": ["--batch-size", "4"]}
+DEFAULT_STEPS = {"tiny": 20, "base": 400_000, "large": 600_000}
+
+
+class PretrainRequest(BaseModel):
+    """The flow's parameters, validated together (a wrong one is an error naming it)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    modality: Modality
+    source: str = Field(min_length=1)  # corpus root (any fsspec URL)
+    output: str = Field(min_length=1)  # dataset/, run/, eval/ and report/ go under it
+    preset: Preset = "tiny"
+    max_steps: PositiveInt | None = None  # default: the preset's
+    nproc: PositiveInt = 1  # trainer processes (torchrun --nproc_per_node)
+    splits: list[str] | None = None  # corpus splits/subsets to build; the first is pre-trained on
+    shard_size: str = "256MB"
+    mask_variants: PositiveInt = 4
+    seed: NonNegativeInt = 0
+    vocab_size: PositiveInt = 8000  # text: the BPE trained on the corpus
+    build_workers: NonNegativeInt | None = None  # local Dask cluster size (default: CPU count; 0: in-process)
+    dask_address: str | None = None  # an existing Dask scheduler instead
+    eval_steps: NonNegativeInt | None = None  # fine-tuning updates (default: the task's)
+    eval_data: str | None = None  # text: GLUE-format folder (no text evaluation without it)
+    train_overrides: list[str] = []  # extra trainer settings, key.sub=value
+
+    @field_validator("shard_size")
+    @classmethod
+    def _shard_size(cls, value: str) -> str:
+        from pipelines.plan import ShardSize
+
+        ShardSize.parse(value)
+        return value
+
+    @model_validator(mode="after")
+    def _where(self) -> PretrainRequest:
+        if self.dask_address and self.build_workers:
+            raise ValueError("give either build_workers (a local cluster) or dask_address (an existing one), not both")
+        if self.splits is None:
+            self.splits = SPLITS[self.modality]
+        elif self.modality == "text":
+            raise ValueError("splits: text corpora are split by document (train/valid), not chosen")
+        return self
+
+    def url(self, *parts: str) -> str:
+        return "/".join([self.output.rstrip("/"), *parts])
+
+    @property
+    def steps(self) -> int:
+        return self.max_steps or DEFAULT_STEPS[self.preset]
+
+    @property
+    def train_split(self) -> str:
+        return self.splits[0] if self.splits else "train"
+
+    @property
+    def eval_split(self) -> str:
+        return self.splits[1] if self.splits and len(self.splits) > 1 else "valid"
+
+    def trainer_overrides(self) -> list[str]:
+        data = TINY_TRAIN_DATA if self.preset == "tiny" else TRAIN_DATA
+        return [
+            f"model={self.modality}_{self.preset}", *data[self.modality], f"data.url={self.url('dataset')}",
+            f"data.split={self.train_split}", f"run_dir={self.url('run')}", f"train.max_steps={self.steps}",
+            f"train.seed={self.seed}", *self.train_overrides,
+        ]
+
+
+# -- build ------------------------------------------------------------------------------------
+def build_request(req: PretrainRequest) -> dict:
+    """The build parameters a finished dataset must record to be reused (dataset.json's `build`)."""
+    from pipelines.plan import ShardSize
+
+    wanted = {"modality": req.modality, "shard_size": ShardSize.parse(req.shard_size).describe(),
+              "mask_variants": req.mask_variants, "seed": req.seed}
+    if req.modality == "speech":
+        wanted["subsets"] = list(req.splits)
+    elif req.modality == "vision":
+        wanted.update(splits=list(req.splits), **image_geometry(req))
+    else:
+        wanted["vocab_size"] = req.vocab_size
+    return wanted
+
+
+def finished_build(req: PretrainRequest) -> dict | None:
+    """dataset.json of an earlier build of the same corpus with the same parameters, if any."""
+    from pipelines.storage import Location
+
+    url = req.url("dataset", "dataset.json")
+    fs, path = Location(url).filesystem()
+    if not fs.exists(path):
+        return None
+    dataset = json.loads(fs.cat_file(path))
+    if dataset.get("source") != Location(req.source).public_url():
+        return None
+    build = dataset.get("build", {})
+    return dataset if all(build.get(k) == v for k, v in build_request(req).items()) else None
+
+
+def image_geometry(req: PretrainRequest) -> dict:
+    """Images are resized and masked for the model preset's patch grid, so the build follows it."""
+    import yaml
+
+    from d2v_train.config import CONFIGS
+
+    frontend = yaml.safe_load((CONFIGS / f"{req.modality}_{req.preset}.yaml").read_text())["frontend"]
+    return {"image_size": frontend["image_size"], "patch_size": frontend["patch_size"]}
+
+
+def make_source(req: PretrainRequest):
+    from pipelines.storage import Location
+
+    if req.modality == "speech":
+        from pipelines.sources.librispeech import LibriSpeechSource
+
+        return LibriSpeechSource(Location(req.source), tuple(req.splits))
+    if req.modality == "vision":
+        from pipelines.sources.imagenet import ImageNetSource
+
+        return ImageNetSource(Location(req.source), tuple(req.splits), **image_geometry(req))
+    from pipelines.sources.text import TextSource
+
+    fs, root = Location(req.source).filesystem()
+    files = sorted(fs.glob(f"{root.rstrip('/')}/**/*.txt")) if fs.isdir(root) else [root]
+    if not files:
+        raise ValueError(f"source: no .txt files under {req.source}")
+    protocol = Location(req.source).protocol
+    urls = [f if protocol in ("file", "") else f"{protocol}://{f}" for f in files]
+    return TextSource.create(tuple(Location(u) for u in urls), vocab_size=req.vocab_size, seed=req.seed)
+
+
+def build_options(req: PretrainRequest):
+    from pipelines.build import BuildOptions
+    from pipelines.plan import ShardSize
+
+    return BuildOptions(ShardSize.parse(req.shard_size), req.mask_variants, req.seed)
+
+
+@task(name="build-shards-on-dask")
+def build_on_dask(req: PretrainRequest) -> dict:
+    """The build driven from a task of the flow's DaskTaskRunner: one Dask task per shard on its cluster
+    (raw Dask, not a Prefect task each: per-task overhead would dominate small shards)."""
+    from prefect_dask import get_dask_client
+
+    from pipelines.build import build_with_runner
+    from pipelines.cluster import Runner
+    from pipelines.storage import Location, check_writable
+
+    out = Location(req.url("dataset"))
+    check_writable(out)
+    with get_dask_client() as client:
+        built = build_with_runner(make_source(req), out, build_options(req), Runner(client),
+                                  echo=get_run_logger().info)
+    return json.loads(built.to_json())
+
+
+@flow(name="build-shards")
+def build_shards(req: PretrainRequest) -> dict:
+    """Shards and dataset.json under output/dataset/; skipped when an identical build is there."""
+    logger = get_run_logger()
+    dataset = finished_build(req)
+    if dataset is not None:
+        logger.info("dataset.json at %s records the same build parameters: skipping the build",
+                    req.url("dataset"))
+        dataset["skipped"] = True
+    elif req.build_workers == 0:
+        from pipelines.build import build_dataset
+        from pipelines.storage import Location
+
+        built = build_dataset(make_source(req), Location(req.url("dataset")), build_options(req), workers=0,
+                              echo=logger.info)
+        dataset = {**json.loads(built.to_json()), "skipped": False}
+    else:
+        dataset = {**build_on_dask.submit(req).result(), "skipped": False}
+    create_table_artifact(
+        key=f"{req.modality}-shards",
+        table=[{"split": name, **{k: v for k, v in split.items() if v is not None}}
+               for name, split in dataset["splits"].items()],
+        description=f"Shards of {req.url('dataset')}: {dataset['samples']} samples, "
+                    f"{dataset['rejected']} rejected of {dataset['source_items']} source items",
+    )
+    create_table_artifact(
+        key=f"{req.modality}-rejects",
+        table=[{"reason": reason, "items": count} for reason, count in dataset["rejects_by_reason"].items()]
+        or [{"reason": "(none)", "items": 0}],
+        description=f"Rejected source items by reason (details: {req.url('dataset', 'rejects.parquet')})",
+    )
+    return {k: dataset[k] for k in ("samples", "rejected", "source_items", "fingerprint", "skipped")}
+
+
+def dask_runner(req: PretrainRequest):
+    """An existing scheduler by address, else a local cluster bound to 127.0.0.1 without dashboards."""
+    from prefect_dask import DaskTaskRunner
+
+    if req.dask_address:
+        return DaskTaskRunner(address=req.dask_address)
+    import os
+
+    return DaskTaskRunner(cluster_kwargs={
+        # the task driving the build secedes from its worker thread (worker_client) while shards run
+        "n_workers": req.build_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
+        "host": "127.0.0.1", "dashboard_address": None, "worker_dashboard_address": None,
+    })
+
+
+# -- pre-train --------------------------------------------------------------------------------
+STEP_LINE = re.compile(r"^step (\d+) \|")
+
+
+def trainer_command(req: PretrainRequest) -> list[str]:
+    """The trainer under torchrun (one process: the script itself, no rendezvous)."""
+    launcher = [python(), "d2v_train/main.py"] if req.nproc == 1 else [
+        python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(req.nproc),
+        "d2v_train/main.py"]
+    return [*launcher, *req.trainer_overrides()]
+
+
+@task(name="pretrain")
+def train(req: PretrainRequest) -> dict:
+    """Run the trainer to max_steps (it resumes from the newest checkpoint in run/ by itself)."""
+    from d2v_train.config import load_train_config
+
+    logger = get_run_logger()
+    load_train_config(None, req.trainer_overrides())  # a wrong setting fails here, naming the field
+    progress = create_progress_artifact(0.0, key=f"{req.modality}-pretrain-progress",
+                                        description=f"steps of {req.steps}")
+
+    def on_line(line: str) -> None:
+        logger.info(line)
+        match = STEP_LINE.match(line)
+        if match:
+            update_progress_artifact(progress, 100.0 * int(match.group(1)) / req.steps)
+
+    run_streamed(trainer_command(req), what="the trainer", on_line=on_line)
+    records = read_metrics(req.url("run", "metrics.jsonl"))
+    if records:
+        every = max(1, len(records) // 50)
+        create_table_artifact(
+            key=f"{req.modality}-training-curve",
+            table=[{k: r.get(k) for k in ("step", "loss", "lr", "target_std", "pred_std")}
+                   for r in records[::every] + ([records[-1]] if (len(records) - 1) % every else [])],
+            description=f"Training curve of {req.url('run')} (plot: metrics.png there)",
+        )
+    return {"run": req.url("run"), "step": records[-1]["step"] if records else 0, "records": len(records)}
+
+
+def read_metrics(url: str) -> list[dict]:
+    """The JSON lines rank 0 wrote (one per logged step)."""
+    with fsspec.open(url, "rt") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# -- evaluate and report ----------------------------------------------------------------------
+def eval_command(req: PretrainRequest, checkpoint: str, out: str) -> list[str]:
+    data = req.eval_data if req.modality == "text" else req.url("dataset")
+    cmd = [python(), "-m", "flows.cli", "eval", EVAL_TASK[req.modality], "--checkpoint", checkpoint,
+           "--data", data, "--seed", str(req.seed), "--out", out]
+    if req.modality == "text":  # GLUE's splits; the tokenizer of the pre-training data for both encoders
+        cmd += ["--train-split", "train", "--eval-split", "dev", "--tokenizer", req.url("dataset", "tokenizer")]
+    else:
+        cmd += ["--train-split", req.train_split, "--eval-split", req.eval_split]
+    if checkpoint == "random":
+        cmd += ["--model", f"{req.modality}_{req.preset}"]
+    if req.eval_steps is not None:
+        cmd += ["--steps", str(req.eval_steps)]
+    if req.preset == "tiny":
+        cmd += TINY_EVAL_ARGS[req.modality]
+    return cmd
+
+
+@task(name="evaluate")
+def evaluate(req: PretrainRequest) -> list[str]:
+    """Fine-tune/probe the pre-trained encoder and a random one alike; returns the result URLs."""
+    logger = get_run_logger()
+    if req.modality == "text" and not req.eval_data:
+        logger.warning("text: no eval_data (a GLUE-format folder) given: skipping evaluation")
+        return []
+    results = []
+    for label, checkpoint in (("pretrained", req.url("run", "checkpoints")), ("random", "random")):
+        out = req.url("eval", f"{label}.json")
+        run_streamed(eval_command(req, checkpoint, out), what=f"d2v eval ({label})", on_line=logger.info)
+        results.append(out)
+    rows = []
+    for url in results:
+        with fsspec.open(url, "rt") as f:
+            result = json.load(f)
+        rows.append({"label": result.get("label"), "task": result.get("task"), **result.get("metrics", {})})
+    create_table_artifact(key=f"{req.modality}-eval-metrics", table=rows,
+                          description="Downstream metrics: pre-trained encoder vs. random initialisation")
+    return results
+
+
+@task(name="report")
+def report(req: PretrainRequest, results: list[str]) -> str | None:
+    """`d2v eval report` over the results; the Markdown also becomes an artifact."""
+    logger = get_run_logger()
+    if not results:
+        logger.info("no evaluation results: no report")
+        return None
+    out = req.url("report")
+    run_streamed([python(), "-m", "flows.cli", "eval", "report", *results, "--out", out,
+                  "--title", f"data2vec {req.modality} {req.preset}: {req.source}"],
+                 what="d2v eval report", on_line=logger.info)
+    with fsspec.open(f"{out}/report.md", "rt") as f:
+        markdown = f.read()
+    create_markdown_artifact(key=f"{req.modality}-report", markdown=markdown,
+                             description=f"{out}/report.md (plots beside it)")
+    return f"{out}/report.md"
+
+
+@flow(name="pretrain", description=__doc__.split("\n\n")[0])
+def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tiny",
+             max_steps: PositiveInt | None = None, nproc: PositiveInt = 1, splits: list[str] | None = None,
+             shard_size: str = "256MB", mask_variants: PositiveInt = 4, seed: NonNegativeInt = 0,
+             vocab_size: PositiveInt = 8000, build_workers: NonNegativeInt | None = None,
+             dask_address: str | None = None, eval_steps: NonNegativeInt | None = None,
+             eval_data: str | None = None, train_overrides: list[str] | None = None) -> dict:
+    """Build shards, pre-train, evaluate against a random encoder, report; everything under `output`."""
+    req = PretrainRequest(
+        modality=modality, source=source, output=output, preset=preset, max_steps=max_steps, nproc=nproc,
+        splits=splits, shard_size=shard_size, mask_variants=mask_variants, seed=seed, vocab_size=vocab_size,
+        build_workers=build_workers, dask_address=dask_address, eval_steps=eval_steps, eval_data=eval_data,
+        train_overrides=train_overrides or [],
+    )
+    # A Dask cluster only when there is something to build (a finished build is skipped in a blink).
+    on_dask = req.build_workers != 0 and finished_build(req) is None
+    dataset = (build_shards.with_options(task_runner=dask_runner(req)) if on_dask else build_shards)(req)
+    training = train(req)
+    results = evaluate(req)
+    report_url = report(req, results)
+    return {"dataset": dataset, "training": training, "results": results, "report": report_url}

@@ -1,0 +1,297 @@
+"""The Prefect flow `pretrain` on a tiny speech corpus: in-process against a temporary Prefect
+server, and as the served deployment `pretrain/speech` triggered by `prefect deployment run`."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from pipelines import synthetic
+from tests.helpers import REPO
+
+pytestmark = [pytest.mark.slow, pytest.mark.prefect]
+
+TINY = {"max_steps": 4, "shard_size": "20", "mask_variants": 2, "build_workers": 0, "eval_steps": 5}
+ON_DASK = {**TINY, "build_workers": 2}  # the build on a local Dask cluster through DaskTaskRunner
+QUIET = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("flow-corpus")
+    spec = synthetic.make_librispeech(str(root), {"train-clean-100": 24, "dev-clean": 6}, seed=0, spoken=True,
+                                      words=(2, 4), faults=True)
+    return spec.source
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    """One temporary Prefect server for the module's in-process flow runs."""
+    saved = {k: os.environ.get(k) for k in QUIET}
+    os.environ.update(QUIET)
+    from prefect.testing.utilities import prefect_test_harness  # slow import: only when used
+
+    with prefect_test_harness(server_startup_timeout=90):
+        yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+def _assert_outputs(out: Path, step: int) -> None:
+    assert (out / "dataset" / "dataset.json").exists()
+    assert list((out / "dataset" / "shards").glob("*.tar"))
+    assert (out / "run" / "checkpoints" / f"step-{step:08d}").is_dir()
+    records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    assert [r["step"] for r in records] == list(range(1, step + 1))
+    for name in ("pretrained", "random"):
+        assert json.loads((out / "eval" / f"{name}.json").read_text())["task"] == "speech-ctc"
+    assert "speech-ctc" in (out / "report" / "report.md").read_text()
+
+
+def _logged_messages() -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        return [log.message for log in client.read_logs(limit=200)]
+
+
+def test_flow_builds_trains_evaluates_reports_then_skips_the_build_and_resumes(prefect_api, corpus, tmp_path):
+    from prefect.artifacts import Artifact
+
+    from flows.pretrain import pretrain
+
+    out = tmp_path / "out"
+    state = pretrain(modality="speech", source=corpus, output=str(out), **ON_DASK, return_state=True)
+    assert state.is_completed(), state
+    first = state.result()
+    assert first["dataset"]["skipped"] is False and first["dataset"]["rejected"] > 0
+    assert any("on 2 worker(s)" in message for message in _logged_messages())  # the build ran on Dask
+    assert first["training"]["step"] == 4
+    _assert_outputs(out, 4)
+    for key, kind in [("speech-shards", "table"), ("speech-rejects", "table"), ("speech-training-curve", "table"),
+                      ("speech-eval-metrics", "table"), ("speech-report", "markdown"),
+                      ("speech-pretrain-progress", "progress")]:
+        artifact = Artifact.get(key)
+        assert artifact is not None and artifact.type == kind, key
+    shards_json = (out / "dataset" / "dataset.json").stat().st_mtime_ns
+
+    state = pretrain(modality="speech", source=corpus, output=str(out), **{**ON_DASK, "max_steps": 6},
+                     return_state=True)
+    assert state.is_completed(), state
+    second = state.result()
+    assert second["dataset"]["skipped"] is True
+    assert (out / "dataset" / "dataset.json").stat().st_mtime_ns == shards_json
+    assert second["training"]["step"] == 6
+    _assert_outputs(out, 6)
+    assert json.loads((out / "eval" / "pretrained.json").read_text())["checkpoint"]["step"] == 6
+
+
+@pytest.mark.parametrize("modality", ["vision", "text"])
+def test_vision_and_text_runs_build_for_the_preset_and_evaluate(prefect_api, modality, tmp_path):
+    from flows.pretrain import pretrain
+
+    if modality == "vision":  # shards for the preset's 64 px / 8 px grid, probed on the built val split
+        source = synthetic.make_imagenet(tmp_path / "corpus", classes=4, train_per_class=12, val_per_class=4,
+                                         seed=0, faults=True).source
+        extra = {}
+    else:  # GLUE-format SST-2 for the classification fine-tune, with the pre-training tokenizer
+        source = synthetic.make_text_corpus(tmp_path / "corpus", files=2, docs_per_file=20, seed=0, faults=True).source
+        synthetic.make_glue_task(tmp_path / "glue", "SST-2", train=40, dev=10)
+        extra = {"vocab_size": 500, "eval_data": str(tmp_path / "glue" / "SST-2")}
+    out = tmp_path / "out"
+    state = pretrain(modality=modality, source=source, output=str(out), **{**TINY, "max_steps": 3}, **extra,
+                     return_state=True)
+    assert state.is_completed(), state.message
+    assert state.result()["training"]["step"] == 3
+    task = {"vision": "image-probe", "text": "text-cls"}[modality]
+    assert json.loads((out / "eval" / "pretrained.json").read_text())["task"] == task
+    assert task in (out / "report" / "report.md").read_text()
+
+
+def test_shard_builders_run_on_an_existing_dask_scheduler_given_by_address(prefect_api, tmp_path):
+    from distributed import LocalCluster
+
+    from flows.pretrain import pretrain
+
+    source = synthetic.make_imagenet(tmp_path / "corpus", classes=3, train_per_class=8, val_per_class=2, seed=1).source
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=None) as cluster:
+        state = pretrain(modality="vision", source=source, output=str(tmp_path / "out"),
+                         **{**TINY, "build_workers": None, "dask_address": cluster.scheduler_address, "max_steps": 2},
+                         return_state=True)
+        assert state.is_completed(), state.message
+        assert "build_shard" in cluster.scheduler.task_prefixes  # one task per shard ran on this scheduler
+        assert cluster.scheduler.task_prefixes["build_shard"].all_durations["compute"] > 0
+    assert (tmp_path / "out" / "dataset" / "dataset.json").exists()
+    assert state.result()["dataset"]["skipped"] is False
+
+
+def test_a_training_failure_fails_the_run_with_the_trainers_error(prefect_api, corpus, tmp_path):
+    from flows.launch import ProcessFailed
+    from flows.pretrain import pretrain
+
+    state = pretrain(modality="speech", source=corpus, output=str(tmp_path / "out"),
+                     **{**TINY, "train_overrides": ["data.split=no-such-split"]}, return_state=True)
+    assert state.is_failed(), state
+    with pytest.raises(ProcessFailed) as failure:
+        state.result()
+    assert failure.value.returncode != 0
+    assert "no-such-split" in str(failure.value)  # the trainer's own message, from its output
+
+
+def test_a_wrong_parameter_is_an_error_naming_it(prefect_api, corpus, tmp_path):
+    from flows.pretrain import pretrain
+
+    state = pretrain(modality="speech", source=corpus, output=str(tmp_path / "out"),
+                     **{**TINY, "shard_size": "lots"}, return_state=True)
+    assert state.is_failed()
+    assert "shard_size" in state.message and "lots" in state.message
+    assert not (tmp_path / "out").exists()  # refused before any stage ran
+
+
+# -- a real server, the served deployments, the Prefect CLI ------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_healthy(api: str, server: subprocess.Popen, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        assert server.poll() is None, "prefect server exited"
+        try:
+            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"no healthy Prefect server at {api} after {timeout_s}s")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def _start_server(home: Path) -> tuple[subprocess.Popen, dict]:
+    """`prefect server start` on a free port of 127.0.0.1; another attempt if the port was taken meanwhile."""
+    for _ in range(5):
+        port = _free_port()
+        api = f"http://127.0.0.1:{port}/api"
+        env = {**os.environ, **QUIET, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}
+        logs = home / "server.log"
+        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                                   "--port", str(port)], env=env, cwd=REPO, stdout=logs.open("w"),
+                                  stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            _wait_healthy(api, server, 120)
+            return server, env
+        except AssertionError:
+            if "address already in use" not in logs.read_text():
+                raise AssertionError(logs.read_text()) from None
+    raise AssertionError("no free port for the Prefect server after 5 attempts")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """`prefect server start` on 127.0.0.1 and `d2v serve`; yields the environment for the CLI."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    server, env = _start_server(home)
+    serve = None
+    try:
+        serve_log = home / "serve.log"
+        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], env=env, cwd=REPO,
+                                 stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + 120
+        while "pretrain/speech" not in serve_log.read_text():
+            assert serve.poll() is None, serve_log.read_text()
+            assert time.monotonic() < deadline, serve_log.read_text()
+            time.sleep(0.5)
+        yield env
+    finally:
+        if serve is not None:
+            _stop(serve)
+        _stop(server)
+
+
+def _prefect(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "prefect", *args], env=env, cwd=REPO, capture_output=True, check=False,
+                          text=True, timeout=timeout)
+
+
+def test_prefect_deployment_run_pretrain_speech_watch(served, corpus, tmp_path):
+    out = tmp_path / "out"
+    params = {**ON_DASK, "source": corpus, "output": str(out)}
+    result = _prefect(served, "deployment", "run", "pretrain/speech", "--params", json.dumps(params), "--watch")
+    assert result.returncode == 0, result.stdout + result.stderr
+    _assert_outputs(out, 4)
+
+
+def _trainers(out: Path) -> list:
+    import psutil
+
+    marker = f"run_dir={out}/run"
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if marker in (process.info["cmdline"] or []):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.torchrun
+def test_cancelling_the_run_kills_torchrun_and_its_workers(served, corpus, tmp_path):
+    import psutil
+
+    out = tmp_path / "out"
+    params = {**TINY, "max_steps": 100_000, "nproc": 2, "source": corpus, "output": str(out)}
+    started = _prefect(served, "deployment", "run", "pretrain/speech", "--params", json.dumps(params))
+    assert started.returncode == 0, started.stdout + started.stderr
+    run_id = next(line.split()[-1] for line in started.stdout.splitlines() if "UUID" in line)
+    deadline = time.monotonic() + 120
+    while not (out / "run" / "metrics.jsonl").exists():  # the trainer is past its first step
+        assert time.monotonic() < deadline, "the trainer did not start"
+        time.sleep(0.5)
+    trainers = _trainers(out)
+    assert len(trainers) >= 3, [p.cmdline() for p in trainers]  # torchrun and its two ranks
+
+    cancel = _prefect(served, "flow-run", "cancel", run_id)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    _, alive = psutil.wait_procs(trainers, timeout=60)
+    assert not alive, [p.cmdline() for p in alive]
+    deadline = time.monotonic() + 60
+    while True:
+        state = _prefect(served, "flow-run", "inspect", run_id).stdout
+        if "CANCELLED" in state:
+            break
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+
+
+def test_a_failed_training_fails_the_deployment_run_with_the_trainers_error_in_its_logs(served, corpus, tmp_path):
+    params = {**TINY, "source": corpus, "output": str(tmp_path / "out"), "train_overrides": ["data.split=no-such-split"]}
+    result = _prefect(served, "deployment", "run", "pretrain/speech", "--params", json.dumps(params), "--watch")
+    assert result.returncode == 1, result.stdout + result.stderr
+    run_id = next(line.split()[-1] for line in result.stdout.splitlines() if "UUID" in line)
+    logs = _prefect(served, "flow-run", "logs", run_id)
+    assert "split 'no-such-split' not in dataset" in logs.stdout, logs.stdout[-3000:]
