@@ -1,43 +1,60 @@
-"""`d2v demo MODALITY`: a small generated corpus in the real layout, built into shards.
+"""`d2v demo MODALITY`: the whole road on a small generated corpus, with embedded defaults.
 
-The full road (pre-training, evaluation, the Prefect flow) joins this command as those stages
-land; today it runs the data stage and prints `d2v data inspect` of the result.
+A corpus in the real layout (with one item of each known fault) is generated under `--out`, then
+the Prefect flow `pretrain` runs in this process: shards built on a local Dask cluster, tiny
+pre-training (the trainer as a subprocess), evaluation of the pre-trained and a random encoder,
+and the report. Without PREFECT_API_URL, Prefect starts a temporary local server for the run.
 """
 from __future__ import annotations
 
 import os
 
 from pipelines import synthetic
-from pipelines.build import BuildOptions, build_dataset
-from pipelines.inspection import format_summary, read_dataset, summary
-from pipelines.plan import ShardSize
-from pipelines.storage import Location
+
+# What each demo generates and how long it trains: sized for a 2-core machine.
+DEMO = {
+    "speech": {"max_steps": 200, "eval_steps": 800, "shard_size": "4MB",
+               "eval_args": ["--lr", "3e-3", "--mask-prob", "0.2", "--mask-channel-prob", "0",
+                             "--freeze-transformer-steps", "0"]},
+    "vision": {"max_steps": 100, "eval_steps": 300, "shard_size": "4MB"},
+    "text": {"max_steps": 100, "eval_steps": 100, "shard_size": "4MB", "vocab_size": 1000,
+             "eval_args": ["--lr", "1e-3"]},
+}
+
+
+def make_corpus(modality: str, root: str) -> tuple[str, dict]:
+    """The generated corpus's root, and the flow parameters it needs beyond DEMO's."""
+    if modality == "speech":
+        spec = synthetic.make_librispeech(root, {"train-clean-100": 48, "dev-clean": 12}, seed=0, spoken=True,
+                                          words=(2, 4), faults=True)
+        return spec.source, {}
+    if modality == "vision":
+        spec = synthetic.make_imagenet(root, classes=4, train_per_class=16, val_per_class=4, seed=0, faults=True,
+                                       learnable=True)
+        return spec.source, {}
+    spec = synthetic.make_text_corpus(os.path.join(root, "corpus"), files=2, docs_per_file=20, seed=0, faults=True)
+    synthetic.make_glue_task(os.path.join(root, "glue"), "SST-2", train=200, dev=40, seed=0)
+    return spec.source, {"eval_data": os.path.join(root, "glue", "SST-2")}
 
 
 def run_demo(modality: str, out: str, *, workers: int = 2) -> int:
-    corpus = os.path.join(out, "corpus", modality)
-    dataset_url = os.path.join(out, "datasets", modality)
-    options = BuildOptions(shard_size=ShardSize.parse("4MB"), mask_variants=4, seed=0)
-    if modality == "speech":
-        from pipelines.sources.librispeech import LibriSpeechSource
+    out = os.path.abspath(out)
+    source, extra = make_corpus(modality, os.path.join(out, "corpus", modality))
+    print(f"generated a {modality} corpus at {source} (with one item of each known fault)", flush=True)
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from flows.pretrain import pretrain
 
-        spec = synthetic.make_librispeech(corpus, {"train-clean-100": 48, "dev-clean": 12}, seed=0, faults=True)
-        source = LibriSpeechSource(Location(spec.source), ("train-clean-100", "dev-clean"))
-    elif modality == "vision":
-        from pipelines.sources.imagenet import ImageNetSource
-
-        spec = synthetic.make_imagenet(corpus, classes=4, train_per_class=12, val_per_class=4, seed=0, faults=True)
-        source = ImageNetSource(Location(spec.source), ("train", "val"))
-    else:
-        from pipelines.sources.text import TextSource
-
-        spec = synthetic.make_text_corpus(corpus, files=2, docs_per_file=20, seed=0, faults=True)
-        source = TextSource.create(tuple(Location(f) for f in spec.files), vocab_size=1000, seed=0)
-    print(f"generated a {modality} corpus at {spec.source} (with one item of each known fault)")
-    build_dataset(source, Location(dataset_url), options, workers=workers)
-    location = Location(dataset_url)
-    dataset, _, _ = read_dataset(location)
-    print()
-    print(format_summary(summary(dataset, location.public_url())))
-    print(f"\nshards, indexes and dataset.json are under {os.path.abspath(dataset_url)}")
+    output = os.path.join(out, modality)
+    state = pretrain(modality=modality, source=source, output=output, preset="tiny", build_workers=workers,
+                     mask_variants=4, **DEMO[modality], **extra, return_state=True)
+    if not state.is_completed():
+        print(f"error: the pretrain flow ended {state.name}: {state.message}", flush=True)
+        return 1
+    result = state.result()
+    print(f"\nshards and dataset.json: {output}/dataset ({result['dataset']['samples']} samples, "
+          f"{result['dataset']['rejected']} rejected)")
+    print(f"checkpoints:             {output}/run/checkpoints (step {result['training']['step']})")
+    print(f"metrics:                 {output}/run/metrics.jsonl, {output}/run/training.png")
+    print(f"evaluation results:      {', '.join(result['results'])}")
+    print(f"report:                  {result['report']}")
     return 0

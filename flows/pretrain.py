@@ -64,9 +64,12 @@ class PretrainRequest(BaseModel):
     vocab_size: PositiveInt = 8000  # text: the BPE trained on the corpus
     build_workers: NonNegativeInt | None = None  # local Dask cluster size (default: CPU count; 0: in-process)
     dask_address: str | None = None  # an existing Dask scheduler instead
+    dask_cluster_class: str | None = None  # or a cluster class to start, e.g. "dask_jobqueue.SLURMCluster"
+    dask_cluster_kwargs: dict = {}  # its arguments, e.g. {"cores": 8, "memory": "32GB", "n_workers": 4}
     eval_steps: NonNegativeInt | None = None  # fine-tuning updates (default: the task's)
     eval_data: str | None = None  # text: GLUE-format folder (no text evaluation without it)
     train_overrides: list[str] = []  # extra trainer settings, key.sub=value
+    eval_args: list[str] = []  # extra `d2v eval TASK` options, e.g. ["--lr", "3e-3"]
 
     @field_validator("shard_size")
     @classmethod
@@ -78,8 +81,9 @@ class PretrainRequest(BaseModel):
 
     @model_validator(mode="after")
     def _where(self) -> PretrainRequest:
-        if self.dask_address and self.build_workers:
-            raise ValueError("give either build_workers (a local cluster) or dask_address (an existing one), not both")
+        if sum(bool(x) for x in (self.dask_address, self.build_workers, self.dask_cluster_class)) > 1:
+            raise ValueError("give one of build_workers (a local cluster), dask_address (an existing one) and "
+                             "dask_cluster_class (a cluster to start)")
         if self.splits is None:
             self.splits = SPLITS[self.modality]
         elif self.modality == "text":
@@ -238,6 +242,8 @@ def dask_runner(req: PretrainRequest):
 
     if req.dask_address:
         return DaskTaskRunner(address=req.dask_address)
+    if req.dask_cluster_class:  # prefect-dask imports it by its dotted name
+        return DaskTaskRunner(cluster_class=req.dask_cluster_class, cluster_kwargs=dict(req.dask_cluster_kwargs))
     import os
 
     return DaskTaskRunner(cluster_kwargs={
@@ -309,7 +315,7 @@ def eval_command(req: PretrainRequest, checkpoint: str, out: str) -> list[str]:
         cmd += ["--steps", str(req.eval_steps)]
     if req.preset == "tiny":
         cmd += TINY_EVAL_ARGS[req.modality]
-    return cmd
+    return cmd + list(req.eval_args)
 
 
 @task(name="evaluate")
@@ -357,14 +363,17 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
              max_steps: PositiveInt | None = None, nproc: PositiveInt = 1, splits: list[str] | None = None,
              shard_size: str = "256MB", mask_variants: PositiveInt = 4, seed: NonNegativeInt = 0,
              vocab_size: PositiveInt = 8000, build_workers: NonNegativeInt | None = None,
-             dask_address: str | None = None, eval_steps: NonNegativeInt | None = None,
-             eval_data: str | None = None, train_overrides: list[str] | None = None) -> dict:
+             dask_address: str | None = None, dask_cluster_class: str | None = None,
+             dask_cluster_kwargs: dict | None = None, eval_steps: NonNegativeInt | None = None,
+             eval_data: str | None = None, train_overrides: list[str] | None = None,
+             eval_args: list[str] | None = None) -> dict:
     """Build shards, pre-train, evaluate against a random encoder, report; everything under `output`."""
     req = PretrainRequest(
         modality=modality, source=source, output=output, preset=preset, max_steps=max_steps, nproc=nproc,
         splits=splits, shard_size=shard_size, mask_variants=mask_variants, seed=seed, vocab_size=vocab_size,
-        build_workers=build_workers, dask_address=dask_address, eval_steps=eval_steps, eval_data=eval_data,
-        train_overrides=train_overrides or [],
+        build_workers=build_workers, dask_address=dask_address, dask_cluster_class=dask_cluster_class,
+        dask_cluster_kwargs=dask_cluster_kwargs or {}, eval_steps=eval_steps, eval_data=eval_data,
+        train_overrides=train_overrides or [], eval_args=eval_args or [],
     )
     # A Dask cluster only when there is something to build (a finished build is skipped in a blink).
     on_dask = req.build_workers != 0 and finished_build(req) is None

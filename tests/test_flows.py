@@ -135,6 +135,13 @@ def test_shard_builders_run_on_an_existing_dask_scheduler_given_by_address(prefe
         assert cluster.scheduler.task_prefixes["build_shard"].all_durations["compute"] > 0
     assert (tmp_path / "out" / "dataset" / "dataset.json").exists()
     assert state.result()["dataset"]["skipped"] is False
+    # or a cluster class by its dotted name (dask_jobqueue.SLURMCluster on a cluster), started for the build
+    state = pretrain(modality="vision", source=source, output=str(tmp_path / "out2"),
+                     **{**TINY, "build_workers": None, "max_steps": 1, "dask_cluster_class": "distributed.LocalCluster",
+                        "dask_cluster_kwargs": {"n_workers": 3, "threads_per_worker": 1, "processes": False,
+                                                "dashboard_address": None}}, return_state=True)
+    assert state.is_completed(), state.message
+    assert any("on 3 worker(s)" in message for message in _logged_messages())
 
 
 def test_a_training_failure_fails_the_run_with_the_trainers_error(prefect_api, corpus, tmp_path):
