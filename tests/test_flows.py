@@ -250,6 +250,9 @@ def test_prefect_deployment_run_pretrain_speech_watch(served, corpus, tmp_path):
     result = _prefect(served, "deployment", "run", "pretrain/speech", "--params", json.dumps(params), "--watch")
     assert result.returncode == 0, result.stdout + result.stderr
     _assert_outputs(out, 4)
+    for key in ("speech-shards", "speech-rejects", "speech-training-curve", "speech-eval-metrics", "speech-report"):
+        recorded = _prefect(served, "artifact", "inspect", key)
+        assert recorded.returncode == 0 and key in recorded.stdout, recorded.stdout + recorded.stderr
 
 
 def _trainers(out: Path) -> list:
