@@ -17,8 +17,8 @@ DEMO = {
                "eval_args": ["--lr", "3e-3", "--mask-prob", "0.2", "--mask-channel-prob", "0",
                              "--freeze-transformer-steps", "0"]},
     "vision": {"max_steps": 100, "eval_steps": 300, "shard_size": "4MB"},
-    "text": {"max_steps": 100, "eval_steps": 100, "shard_size": "4MB", "vocab_size": 1000,
-             "eval_args": ["--lr", "1e-3"]},
+    "text": {"max_steps": 100, "eval_steps": 150, "shard_size": "4MB", "vocab_size": 1000,
+             "eval_args": ["--lr", "1e-3", "--batch-size", "16"]},
 }
 
 
