@@ -30,6 +30,13 @@ class Backbone:
         return self.model.modality
 
     @property
+    def label(self) -> str:
+        """How reports name a run by default: "random", "step N", or the checkpoint's URL."""
+        if self.ref.url == RANDOM:
+            return RANDOM
+        return f"step {self.ref.step}" if self.ref.step else self.ref.url
+
+    @property
     def dataset_url(self) -> str | None:
         """The dataset the encoder was pre-trained on (its tokenizer serves text evaluation)."""
         return self.train.data.url if self.train else None

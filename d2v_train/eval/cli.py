@@ -114,7 +114,3 @@ def run(args) -> int:
         runtime.stop()
     return 0
 
-
-def default_label(backbone) -> str:
-    ref = backbone.ref
-    return "random" if ref.step is None and ref.url == "random" else f"step {ref.step}" if ref.step else ref.url

@@ -118,9 +118,7 @@ def _data_ref(args, train_loader: StreamingLoader, scored: int) -> DataRef:
 
 
 def _label(args, backbone) -> str:
-    from d2v_train.eval.cli import default_label
-
-    return args.label if args.label is not None else default_label(backbone)
+    return args.label if args.label is not None else backbone.label
 
 
 # -- the linear probe -------------------------------------------------------------------------

@@ -163,7 +163,7 @@ def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
     counts, baseline_counts, scored, skipped = score(model, args, world)
     dropped = int(runtime.sum_across([stats["dropped_characters"]], world)[0])
     return EvalResult(
-        task="speech-ctc", label=args.label or _label(backbone),
+        task="speech-ctc", label=args.label or backbone.label,
         metrics={"wer": counts.wer, "cer": counts.cer},
         baseline={"wer": baseline_counts.wer, "cer": baseline_counts.cer},
         checkpoint=backbone.ref,
@@ -221,8 +221,3 @@ def score(model: CTCModel, args, world: World) -> tuple[ErrorCounts, ErrorCounts
     ints = [int(v) for v in totals]
     return ErrorCounts(*ints[0:4]), ErrorCounts(*ints[4:8]), ints[8], ints[9]
 
-
-def _label(backbone: Backbone) -> str:
-    from d2v_train.eval.cli import default_label
-
-    return default_label(backbone)

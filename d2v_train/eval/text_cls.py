@@ -160,8 +160,6 @@ def confusion_counts(model: SequenceClassifier, rows: list[list[int]], labels_N:
 
 
 def evaluate(args, world: World, backbone) -> EvalResult:
-    from d2v_train.eval.cli import default_label
-
     if backbone.modality != "text":
         raise ValueError(f"text-cls needs a text encoder; {backbone.ref.url} is {backbone.modality}")
     steps = DEFAULT_STEPS if args.steps is None else args.steps
@@ -209,7 +207,7 @@ def evaluate(args, world: World, backbone) -> EvalResult:
     np.add.at(baseline_CC, (data.eval_y, majority), 1)
 
     return EvalResult(
-        task="text-cls", label=args.label or default_label(backbone), metrics=glue.scores(confusion_CC),
+        task="text-cls", label=args.label or backbone.label, metrics=glue.scores(confusion_CC),
         baseline=glue.scores(baseline_CC), checkpoint=backbone.ref,
         data=DataRef(url=Location(args.data).public_url(), train_split=args.train_split, eval_split=args.eval_split,
                      train_samples=len(data.train), eval_samples=int(confusion_CC.sum())),
