@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
-from d2v_train.models.data2vec import Data2Vec
+from d2v_train.models.data2vec import build_model
 from pipelines.storage import Location
 
 # modality -> (module of the converter, d2v->HF state function, HF config function, model_type, class)
@@ -26,7 +27,7 @@ _HF = {
 }
 
 
-def load_model(url: str) -> tuple[TrainConfig, Data2Vec, str]:
+def load_model(url: str) -> tuple[TrainConfig, nn.Module, str]:
     """The model of a checkpoint: `url` is one checkpoint folder or a run's checkpoint folder
     (its newest complete checkpoint is used)."""
     folder = checkpoint.resolve(url)
@@ -37,7 +38,7 @@ def load_model(url: str) -> tuple[TrainConfig, Data2Vec, str]:
     if not fs.exists(config_path):
         raise FileNotFoundError(f"{folder} has no {checkpoint.CONFIG_FILE}: not written by d2v's trainer")
     cfg = TrainConfig.model_validate_json(fs.cat_file(config_path))
-    model = Data2Vec(cfg.model)
+    model = build_model(cfg.model)
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # one process reading a checkpoint is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")

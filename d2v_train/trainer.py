@@ -30,7 +30,7 @@ from d2v_train.data.loader import STATE_VERSION, StreamingLoader
 from d2v_train.data.plan import BatchPolicy
 from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
-from d2v_train.models.data2vec import Data2Vec
+from d2v_train.models.data2vec import build_model
 from d2v_train.models.ema import ema_tau
 from d2v_train.models.loss import std_from_stats
 from d2v_train.schedules import lr_scale
@@ -57,7 +57,7 @@ class Trainer:
         if cfg.train.deterministic:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        self.model = Data2Vec(cfg.model).to(self.world.device)
+        self.model = build_model(cfg.model).to(self.world.device)
         self.teacher = self.model.make_teacher().to(self.world.device)
         # the teacher never runs backward: nothing to recompute
         prepare_blocks(list(self.model.student.transformer.blocks), compile=cfg.train.compile,

@@ -2,7 +2,9 @@
 
 One ``ModelConfig`` per preset: the shared Transformer, a modality front-end (the ``frontend``
 union, discriminated by ``kind``), the objective and the EMA schedule. Defaults are data2vec v1
-speech Base (DATA2VEC.md section 2).
+speech Base (DATA2VEC.md section 2). ``variant: data2vec2`` switches to data2vec 2.0's efficient
+objective (section 4) with the settings in ``data2vec2``; ``Data2Vec2Config.defaults`` gives the
+released ones per modality.
 """
 
 from __future__ import annotations
@@ -20,6 +22,9 @@ __all__ = [
     "TextEncoderConfig",
     "ObjectiveConfig",
     "EMAConfig",
+    "DecoderConfig",
+    "MultiMaskConfig",
+    "Data2Vec2Config",
     "ModelConfig",
     "load_config",
     "save_config",
@@ -68,6 +73,9 @@ class SpeechEncoderConfig(_Strict):
     pos_conv_layers: int = Field(5, gt=0)
     pos_conv_kernel: int = Field(19, gt=1)
     pos_conv_groups: int = Field(16, gt=0)
+    # ALiBi (data2vec 2.0 audio): each block's attention gets -scale_h * slope_h * |i - j|, with a
+    # learned scale per head; the positional conv stays
+    alibi: bool = False
 
     @field_validator("conv_layers")
     @classmethod
@@ -93,6 +101,9 @@ class VisionEncoderConfig(_Strict):
     image_size: int = Field(224, gt=0)
     patch_size: int = Field(16, gt=0)
     channels: int = Field(3, gt=0)
+    # relative: BEiT's learned relative position bias shared by all blocks (v1); sincos: a fixed
+    # 2-D sin-cos embedding added to the patches (MAE, data2vec 2.0)
+    positions: Literal["relative", "sincos"] = "relative"
 
     @model_validator(mode="after")
     def _patches_tile(self):
@@ -158,20 +169,88 @@ class EMAConfig(_Strict):
     tau_n: int = Field(30_000, ge=0)  # updates over which tau goes linearly from tau0 to tau_e
 
 
+class DecoderConfig(_Strict):
+    """data2vec 2.0's convolutional decoder: ``layers`` x (Conv(k, groups) -> LayerNorm without
+    affine -> GELU, residual from the second layer on), then Linear back to the encoder width.
+    1-D over time for speech and text, 2-D over the patch grid for images."""
+
+    dim: int = Field(384, gt=0)
+    layers: int = Field(4, gt=0)
+    kernel: int = Field(7, gt=0)
+    groups: int = Field(16, gt=0)
+    input_dropout: float = Field(0.1, ge=0.0, lt=1.0)  # on the student's outputs
+    noise_std: float = Field(0.01, ge=0.0)  # what fills the masked slots
+
+    @model_validator(mode="after")
+    def _groups_divide(self):
+        if self.dim % self.groups:
+            raise ValueError(f"groups: {self.groups} does not divide dim {self.dim}")
+        if self.kernel % 2 == 0:
+            raise ValueError(f"kernel: {self.kernel} must be odd (the output keeps the input's length)")
+        return self
+
+
+class MultiMaskConfig(_Strict):
+    """The masks data2vec 2.0 draws per clone, on the fly (``pipelines.masking``).
+
+    block_1d: ``compute_inverse_block_masks_1d`` (speech: p 0.5, blocks of 5, adjust 0.05; text:
+    p 0.48, blocks of 1, never <s> or </s>); inverse_block_2d: ``compute_inverse_block_masks``
+    (images: p 0.8, 3x3 kept blocks, adjust 0.07).
+    """
+
+    kind: Literal["block_1d", "inverse_block_2d"] = "block_1d"
+    mask_prob: float = Field(0.5, gt=0.0, lt=1.0)
+    block_size: int = Field(5, gt=0)
+    mask_prob_adjust: float = Field(0.05, ge=0.0, lt=1.0)
+    inverse: bool = False  # block_1d: blocks are kept, not masked
+
+
+class Data2Vec2Config(_Strict):
+    clones: int = Field(8, gt=0)  # M masked copies of each sample; the teacher runs once
+    decoder: DecoderConfig = DecoderConfig()
+    mask: MultiMaskConfig = MultiMaskConfig()
+    # images: the student's CLS output regresses the mean target over patches, with this weight
+    cls_loss: float = Field(0.0, ge=0.0)
+
+    @staticmethod
+    def defaults(modality: str) -> dict:
+        """The released base settings of fairseq data2vec 2.0 for ``modality`` (DATA2VEC.md section 4)."""
+        if modality == "vision":
+            return {"clones": 16, "cls_loss": 0.01,
+                    "decoder": {"dim": 768, "layers": 6, "kernel": 3, "groups": 16, "input_dropout": 0.0},
+                    "mask": {"kind": "inverse_block_2d", "mask_prob": 0.8, "block_size": 3,
+                             "mask_prob_adjust": 0.07}}
+        if modality == "text":
+            return {"clones": 8, "decoder": {"dim": 768, "layers": 5, "kernel": 9, "groups": 1},
+                    "mask": {"kind": "block_1d", "mask_prob": 0.48, "block_size": 1, "mask_prob_adjust": 0.0}}
+        return {}
+
+
 class ModelConfig(_Strict):
     modality: Literal["speech", "vision", "text"] = "speech"
+    # data2vec: v1, the student encodes every position with mask embeddings; data2vec2: the
+    # student encodes only the kept positions and a conv decoder predicts the masked ones
+    variant: Literal["data2vec", "data2vec2"] = "data2vec"
     encoder: TransformerConfig = TransformerConfig()
     frontend: SpeechEncoderConfig | VisionEncoderConfig | TextEncoderConfig = Field(
         default_factory=SpeechEncoderConfig, discriminator="kind")
     objective: ObjectiveConfig = ObjectiveConfig()
     ema: EMAConfig = EMAConfig()
+    data2vec2: Data2Vec2Config | None = None  # variant data2vec2 only; None: the modality's defaults
 
     @model_validator(mode="before")
     @classmethod
     def _frontend_kind_defaults_to_modality(cls, data):
-        frontend = data.get("frontend") if isinstance(data, dict) else None
+        if not isinstance(data, dict):
+            return data
+        frontend = data.get("frontend")
         if isinstance(frontend, dict) and "kind" not in frontend:
             data = {**data, "frontend": {**frontend, "kind": data.get("modality", "speech")}}
+        if data.get("variant") == "data2vec2":
+            given = data.get("data2vec2")
+            if given is None or isinstance(given, dict):
+                defaults = Data2Vec2Config.defaults(data.get("modality", "speech"))
+                data = {**data, "data2vec2": _merge(defaults, given or {})}
         return data
 
     @model_validator(mode="after")
@@ -183,7 +262,26 @@ class ModelConfig(_Strict):
         if self.frontend.kind == "speech" and self.encoder.dim % self.frontend.pos_conv_groups:
             raise ValueError(f"frontend.pos_conv_groups: {self.frontend.pos_conv_groups} does not divide "
                              f"encoder.dim {self.encoder.dim}")
+        if self.variant == "data2vec" and self.data2vec2 is not None:
+            raise ValueError("data2vec2: settings for variant data2vec2, but variant is data2vec")
+        if self.variant == "data2vec2":
+            self._check_data2vec2()
         return self
+
+    def _check_data2vec2(self) -> None:
+        v2, fe = self.data2vec2, self.frontend
+        if fe.kind == "vision":
+            if fe.positions != "sincos":
+                raise ValueError("frontend.positions: data2vec2 drops masked patches, which a relative position "
+                                 "bias over the full grid does not allow; use sincos")
+            if v2.mask.kind != "inverse_block_2d":
+                raise ValueError(f"data2vec2.mask.kind: images need inverse_block_2d, not {v2.mask.kind!r}")
+        elif v2.mask.kind != "block_1d":
+            raise ValueError(f"data2vec2.mask.kind: {fe.kind} needs block_1d, not {v2.mask.kind!r}")
+        if v2.cls_loss and fe.kind != "vision":
+            raise ValueError("data2vec2.cls_loss: only images have a CLS token")
+        if self.objective.head != "linear":
+            raise ValueError("objective.head: data2vec2 predicts with its decoder; leave head at linear")
 
 
 def load_config(path: str | Path, overrides: dict | None = None) -> ModelConfig:

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from d2v_train.models.config import TransformerConfig
+from d2v_train.models.multimask import Kept, gather_kept, keep_index
 from d2v_train.models.transformer import Transformer, TransformerOutput
 
 __all__ = ["Frontend", "Encoder"]
@@ -26,6 +27,8 @@ class Frontend(nn.Module):
     teacher_copy: tuple[str, ...] = ()
     # True: the teacher runs on the student's (detached) local features, computed once
     share_features: bool = False
+    # leading tokens that are not content (vision's CLS): never masked, no target of their own
+    extra_tokens: int = 0
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw batch -> (features x_BTD, padding_BT with True = padded)."""
@@ -40,8 +43,9 @@ class Frontend(nn.Module):
         """Position information and any input norm, before the blocks."""
         return x_BTD
 
-    def attention_bias(self, x_BTD: torch.Tensor) -> torch.Tensor | None:
-        """Additive attention bias shared by all blocks (BEiT relative positions); none by default."""
+    def attention_bias(self, x_BTD: torch.Tensor, positions_NT: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Additive attention bias shared by all blocks (BEiT relative positions, ALiBi); none by
+        default. ``positions_NT``: the original index of each position, when some were dropped."""
         return None
 
     def target_mask(self, batch: dict) -> torch.Tensor:
@@ -53,6 +57,11 @@ class Frontend(nn.Module):
         """The teacher's input when ``share_features``: the student's local features, detached
         (text re-embeds the unmasked tokens instead)."""
         return x_BTD.detach()
+
+    def unmasked(self, batch: dict) -> dict:
+        """The batch as the teacher sees it (text: the original tokens); data2vec 2.0's student
+        embeds it too, then drops the masked positions."""
+        return batch
 
 
 class Encoder(nn.Module):
@@ -85,3 +94,17 @@ class Encoder(nn.Module):
         x_BTD = self.frontend.positional(x_BTD, padding_BT)
         return self.transformer(x_BTD, padding_BT, attn_bias=self.frontend.attention_bias(x_BTD),
                                 return_from=return_from, target=target)
+
+    def forward_kept(self, x_NTD: torch.Tensor, padding_NT: torch.Tensor,
+                     mask_NT: torch.Tensor) -> tuple[TransformerOutput, Kept]:
+        """data2vec 2.0's student: positions first (on the full sequence, masked features zeroed so
+        the positional conv cannot see them), then only the positions neither masked nor padded go
+        through the blocks. Returns the output over the kept slots and where they came from."""
+        x_NTD = self.frontend.prepare(x_NTD, None)
+        x_NTD = x_NTD.masked_fill(mask_NT[..., None], 0.0)
+        x_NTD = self.frontend.positional(x_NTD, padding_NT if padding_NT.any() else None)
+        kept = keep_index(mask_NT | padding_NT)
+        x_NKD = gather_kept(x_NTD, kept)
+        padding_NK = kept.padding_NK if kept.padding_NK.any() else None
+        bias = self.frontend.attention_bias(x_NKD, kept.index_NK)
+        return self.transformer(x_NKD, padding_NK, attn_bias=bias), kept

@@ -14,13 +14,12 @@ import torch.nn.functional as F
 
 from d2v_train.models.config import ObjectiveConfig
 
-__all__ = ["regression_loss", "std_stats", "std_from_stats", "masked_std"]
+__all__ = ["position_losses", "regression_loss", "std_stats", "std_from_stats", "masked_std"]
 
 
-def regression_loss(pred_ND: torch.Tensor, target_ND: torch.Tensor,
-                    cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per position: L2 or SmoothL1(beta) summed over channels, times ``loss_scale`` (default
-    1/sqrt(D) for L2, 1 for SmoothL1). Returns (sum over positions, number of positions) in fp32."""
+def position_losses(pred_ND: torch.Tensor, target_ND: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
+    """(N,) fp32 loss per position: L2 or SmoothL1(beta) summed over channels, times ``loss_scale``
+    (default 1/sqrt(D) for L2, 1 for SmoothL1)."""
     pred_ND, target_ND = pred_ND.float(), target_ND.float()
     if cfg.loss == "l2":
         per_ND = F.mse_loss(pred_ND, target_ND, reduction="none")
@@ -29,8 +28,14 @@ def regression_loss(pred_ND: torch.Tensor, target_ND: torch.Tensor,
     scale = cfg.loss_scale
     if scale is None:
         scale = 1.0 / math.sqrt(pred_ND.shape[-1]) if cfg.loss == "l2" else 1.0
+    return per_ND.sum(-1) * scale
+
+
+def regression_loss(pred_ND: torch.Tensor, target_ND: torch.Tensor,
+                    cfg: ObjectiveConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """``position_losses`` as (sum over positions, number of positions), fp32."""
     count = torch.tensor(float(pred_ND.shape[0]), device=pred_ND.device)
-    return per_ND.sum() * scale, count
+    return position_losses(pred_ND, target_ND, cfg).sum(), count
 
 
 def std_stats(y_ND: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,7 @@ from torch import nn
 
 from d2v_train.models.config import SpeechEncoderConfig, TransformerConfig
 from d2v_train.models.encoder import Encoder, Frontend
+from d2v_train.models.positions import alibi_bias
 
 __all__ = ["SpeechFrontend", "build_speech_encoder", "conv_output_lengths", "frame_padding_mask"]
 
@@ -126,6 +127,7 @@ class SpeechFrontend(Frontend):
         self.mask_emb = nn.Parameter(torch.empty(enc.dim).uniform_())
         self.pos_conv = _PositionalConv(enc.dim, cfg)
         self.layer_norm = nn.LayerNorm(enc.dim, eps=enc.layer_norm_eps)
+        self.alibi_scale = nn.Parameter(torch.ones(enc.heads)) if cfg.alibi else None
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         source_BL = batch["source"]
@@ -147,6 +149,13 @@ class SpeechFrontend(Frontend):
         if padding_BT is not None:  # padded frames must not leak into the conv positions
             x_BTD = x_BTD.masked_fill(padding_BT[..., None], 0.0)
         return self.layer_norm(x_BTD + self.pos_conv(x_BTD))
+
+    def attention_bias(self, x_BTD: torch.Tensor, positions_NT: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.alibi_scale is None:
+            return None
+        if positions_NT is None:
+            positions_NT = torch.arange(x_BTD.shape[1], device=x_BTD.device)[None]
+        return alibi_bias(positions_NT, self.alibi_scale.float()).to(x_BTD.dtype)
 
 
 def build_speech_encoder(frontend: SpeechEncoderConfig, encoder: TransformerConfig) -> Encoder:

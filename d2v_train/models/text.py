@@ -63,6 +63,9 @@ class TextFrontend(Frontend):
         """Only positions whose input became <mask> are regressed (not the random/kept 20%)."""
         return batch["target_mask"]
 
+    def unmasked(self, batch: dict) -> dict:
+        return {**batch, "tokens": batch["target_tokens"]}
+
     def teacher_features(self, batch: dict, x_BTD: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.embed_tokens(batch["target_tokens"], batch.get("padding_mask"))

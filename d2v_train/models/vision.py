@@ -16,6 +16,7 @@ from torch import nn
 
 from d2v_train.models.config import TransformerConfig, VisionEncoderConfig
 from d2v_train.models.encoder import Encoder, Frontend
+from d2v_train.models.positions import sincos_2d
 
 __all__ = ["VisionFrontend", "RelativePositionBias", "QKVNoKeyBias", "build_vision_encoder",
            "relative_position_index"]
@@ -68,15 +69,18 @@ class QKVNoKeyBias(nn.Module):
 
 class VisionFrontend(Frontend):
     teacher_skip = ("mask_emb",)  # the teacher never masks
+    extra_tokens = 1  # CLS
 
     def __init__(self, cfg: VisionEncoderConfig, enc: TransformerConfig):
         super().__init__()
-        self.grid = cfg.grid
+        self.grid, self.dim = cfg.grid, enc.dim
         self.patch_embed = nn.Conv2d(cfg.channels, enc.dim, cfg.patch_size, stride=cfg.patch_size)
         # (D,) vectors, (1, 1, D) in HF: 1-D parameters get no weight decay (BEiT exempts cls_token)
         self.cls_token = nn.Parameter(torch.zeros(enc.dim))
         self.mask_emb = nn.Parameter(torch.zeros(enc.dim))
-        self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads)
+        self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads) if cfg.positions == "relative" else None
+        if cfg.positions == "sincos":
+            sincos_2d(cfg.grid, enc.dim)  # a wrong width fails here, not at the first batch
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """{"image" (B, C, H, W)} -> CLS + patch features (B, 1+P, D), no padding."""
@@ -86,6 +90,8 @@ class VisionFrontend(Frontend):
             raise ValueError(f"image: {tuple(image.shape[2:])} px makes a {tuple(x_BDhw.shape[2:])} patch grid, "
                              f"the model's is {self.grid}")
         x_BPD = x_BDhw.flatten(2).transpose(1, 2)
+        if self.rel_pos_bias is None:  # fixed sin-cos positions; CLS has none (MAE, data2vec 2.0)
+            x_BPD = x_BPD + sincos_2d(self.grid, self.dim).to(x_BPD.device, x_BPD.dtype)
         x_BTD = torch.cat([self.cls_token.to(x_BPD.dtype).expand(x_BPD.shape[0], 1, -1), x_BPD], dim=1)
         return x_BTD, torch.zeros(x_BTD.shape[:2], dtype=torch.bool, device=x_BTD.device)
 
@@ -94,7 +100,10 @@ class VisionFrontend(Frontend):
             return x_BTD
         return torch.where(mask_BT[..., None], self.mask_emb.to(x_BTD.dtype), x_BTD)
 
-    def attention_bias(self, x_BTD: torch.Tensor) -> torch.Tensor:
+    def attention_bias(self, x_BTD: torch.Tensor, positions_NT: torch.Tensor | None = None) -> torch.Tensor | None:
+        if self.rel_pos_bias is None:
+            return None
+        assert positions_NT is None, "the relative position bias covers the full grid only"
         return self.rel_pos_bias().to(x_BTD.dtype)
 
     def target_mask(self, batch: dict) -> torch.Tensor:
