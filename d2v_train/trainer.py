@@ -43,9 +43,12 @@ class TrainingStopped(RuntimeError):
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: weight decay on matrices, none on biases, norms and the mask embedding."""
+    """AdamW groups: weight decay on matrices, none on biases, norms and the mask embedding;
+    frozen parameters are left out (they would have no optimizer state to save and resume)."""
     decay, no_decay = [], []
     for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
         (decay if param.ndim >= 2 and "mask_emb" not in name else no_decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -39,6 +39,11 @@ class Data2Vec2(nn.Module):
         assert cfg.variant == "data2vec2" and cfg.data2vec2 is not None
         self.cfg = cfg
         self.student = build_encoder(cfg)
+        # masked positions are dropped, not embedded: nothing trains the mask embedding (it stays
+        # in the encoder, at its initial value, for fine-tuning's time masking)
+        mask_emb = getattr(self.student.frontend, "mask_emb", None)
+        if mask_emb is not None:
+            mask_emb.requires_grad_(False)
         grid = getattr(self.student.frontend, "grid", None)
         self.decoder = ConvDecoder(cfg.data2vec2.decoder, cfg.encoder.dim, grid)
 
