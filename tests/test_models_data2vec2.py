@@ -267,3 +267,13 @@ def test_variant_data2vec2_fills_in_the_modalitys_release_settings():
         ModelConfig.model_validate({"variant": "data2vec2", "data2vec2": {"cls_loss": 0.1}})
     with pytest.raises(ValidationError, match="groups"):
         ModelConfig.model_validate({"variant": "data2vec2", "data2vec2": {"decoder": {"dim": 30, "groups": 16}}})
+
+
+def test_hf_export_refuses_what_hf_data2vec_cannot_hold():
+    from d2v_train.models.hf import hf_audio_config
+    from d2v_train.models.hf_vision import hf_vision_config
+
+    with pytest.raises(ValueError, match="ALiBi"):
+        hf_audio_config(SPEECH)
+    with pytest.raises(ValueError, match="sin-cos"):
+        hf_vision_config(VISION)

@@ -139,6 +139,8 @@ def hf_audio_config(cfg: ModelConfig) -> dict:
     enc, fe = cfg.encoder, cfg.frontend
     if enc.pre_ln or enc.final_ln or enc.layer_scale_init is not None or enc.drop_path:
         raise ValueError("encoder: HF Data2VecAudio is post-LN without final_ln, layer scale or drop path")
+    if fe.alibi:
+        raise ValueError("frontend.alibi: HF Data2VecAudio has no ALiBi attention bias (data2vec 2.0 audio)")
     return dict(
         hidden_size=enc.dim, num_hidden_layers=enc.layers, num_attention_heads=enc.heads,
         intermediate_size=enc.ffn_dim, hidden_dropout=enc.dropout, attention_dropout=enc.attention_dropout,

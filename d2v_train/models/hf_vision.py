@@ -95,6 +95,8 @@ def hf_vision_config(cfg: ModelConfig) -> dict:
     enc, fe = cfg.encoder, cfg.frontend
     if not enc.pre_ln or enc.layer_drop or enc.activation_dropout:
         raise ValueError("encoder: HF Data2VecVision is pre-LN without layer drop or activation dropout")
+    if fe.positions != "relative":
+        raise ValueError("frontend.positions: HF Data2VecVision has no fixed sin-cos positions (data2vec 2.0 images)")
     return dict(
         hidden_size=enc.dim, num_hidden_layers=enc.layers, num_attention_heads=enc.heads,
         intermediate_size=enc.ffn_dim, hidden_act="gelu", hidden_dropout_prob=enc.dropout,
