@@ -132,10 +132,11 @@ def test_torchrun_probe_scores_each_image_once_and_matches_one_process(data, pro
 
 
 @pytest.mark.slow
-def test_probe_of_a_pre_trained_checkpoint_reports_its_step(data, tmp_path):
+@pytest.mark.parametrize("preset", ["vision_tiny", "vision_v2_tiny"])
+def test_probe_of_a_pre_trained_checkpoint_reports_its_step(data, tmp_path, preset):
     run_dir = tmp_path / "run"
     trained = subprocess.run(
-        [sys.executable, "d2v_train/main.py", "model=vision_tiny", f"data.url={data}", "data.split=train",
+        [sys.executable, "d2v_train/main.py", f"model={preset}", f"data.url={data}", "data.split=train",
          "data.batch_size=8", "data.workers=1", "train.max_steps=2", "checkpoint.every_steps=2",
          f"run_dir={run_dir}"],
         check=False, cwd=REPO, env={**os.environ, **CPU}, capture_output=True, text=True, timeout=300)

@@ -218,3 +218,18 @@ def test_random_init_needs_a_tokenizer_and_torchrun_scores_each_example_once(pre
     assert alone.data.eval_samples == both.data.eval_samples == mrpc.expected["splits"]["dev"] == 21
     assert both.metrics == alone.metrics and both.baseline == alone.baseline
     assert both.hyperparameters["headline"] == "f1" and both.steps == 0 and both.curve == []
+
+
+def test_a_data2vec2_checkpoint_is_fine_tuned_like_v1(pretrained, tmp_path):
+    """data2vec 2.0 text pre-trains on the same shards (the original tokens, 48% dropped) and
+    leaves an encoder that text-cls fine-tunes as any other."""
+    root, sst, _ = pretrained
+    run = tmp_path / "run"
+    trained = subprocess.run([sys.executable, "d2v_train/main.py", "model=text_v2_tiny", f"data.url={root / 'data'}",
+                              "data.batch_size=4", f"run_dir={run}", "train.max_steps=2", "checkpoint.every_steps=2"],
+                             cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
+    assert trained.returncode == 0, trained.stderr[-4000:]
+    result = _result(run_d2v(*_split(["eval", "text-cls", "--checkpoint", str(run / "checkpoints")], sst.source),
+                             "--steps", "100", "--lr", "1e-3", env=ENV))
+    assert result.checkpoint.step == 2 and result.label == "step 2"
+    assert result.metrics["accuracy"] >= result.baseline["accuracy"] + 0.25, result.metrics
