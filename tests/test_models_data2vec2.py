@@ -7,12 +7,18 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from d2v_train.models import load_config
 from d2v_train.models import data2vec2 as objective
+from d2v_train.models import load_config
 from d2v_train.models.config import DecoderConfig, ModelConfig, MultiMaskConfig
 from d2v_train.models.data2vec import build_encoder, build_model
 from d2v_train.models.decoder import ConvDecoder
-from d2v_train.models.multimask import clone, draw_clone_masks, gather_kept, keep_index, restore
+from d2v_train.models.multimask import (
+    clone,
+    draw_clone_masks,
+    gather_kept,
+    keep_index,
+    restore,
+)
 from d2v_train.models.positions import alibi_bias, alibi_slopes, sincos_2d
 from d2v_train.models.targets import build_targets
 
@@ -141,12 +147,6 @@ def test_decoder_keeps_every_position_and_sees_only_its_neighbourhood(grid):
 
 # -- the objective --------------------------------------------------------------------------------------
 
-def _capture_student_lengths(model):
-    lengths = []
-    model.student.transformer.register_forward_pre_hook(lambda m, args: lengths.append(args[0].shape))
-    return lengths
-
-
 @pytest.mark.parametrize("cfg, batch", [(SPEECH, speech_batch), (TEXT, text_batch), (VISION, vision_batch)],
                          ids=["speech", "text", "vision"])
 def test_student_encodes_only_the_kept_positions(cfg, batch, monkeypatch):
@@ -161,7 +161,7 @@ def test_student_encodes_only_the_kept_positions(cfg, batch, monkeypatch):
     teacher.module.transformer.register_forward_pre_hook(lambda m, args: shapes.append(("t", *args[0].shape)))
     b = batch()
     out = model(b, teacher)
-    x, padding = model.student.embed(model.student.frontend.unmasked(b))
+    _, padding = model.student.embed(model.student.frontend.unmasked(b))
     B, T = padding.shape
     M, E = cfg.data2vec2.clones, model.student.frontend.extra_tokens
     (mask_NS,) = drawn

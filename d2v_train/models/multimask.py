@@ -15,7 +15,10 @@ import torch
 import torch.nn.functional as F
 
 from d2v_train.models.config import MultiMaskConfig
-from pipelines.masking import compute_inverse_block_masks, compute_inverse_block_masks_1d
+from pipelines.masking import (
+    compute_inverse_block_masks,
+    compute_inverse_block_masks_1d,
+)
 
 __all__ = ["Kept", "clone", "draw_clone_masks", "keep_index", "gather_kept", "restore", "pad_front"]
 
