@@ -32,6 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("modality", choices=["speech", "vision", "text"])
     demo.add_argument("--out", default="demo", help="folder (or URL) for the corpus and the outputs (default: ./demo)")
     demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--variant", choices=["data2vec", "data2vec2"], default="data2vec",
+                      help="data2vec2: the data2vec 2.0 efficiency mode's tiny presets")
     serve = subparsers.add_parser("serve", help="serve the Prefect deployments pretrain/speech, pretrain/vision, "
                                   "pretrain/text (PREFECT_API_URL names the server)")
     serve.add_argument("--modalities", default="speech,vision,text", help="comma-separated subset to serve")
@@ -68,7 +70,7 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
         if args.command == "demo":
             from flows.demo import run_demo
 
-            return run_demo(args.modality, args.out, workers=args.workers)
+            return run_demo(args.modality, args.out, workers=args.workers, variant=args.variant)
         if args.command == "serve":
             from flows.serve import MODALITIES, serve
 

@@ -37,7 +37,7 @@ def make_corpus(modality: str, root: str) -> tuple[str, dict]:
     return spec.source, {"eval_data": os.path.join(root, "glue", "SST-2")}
 
 
-def run_demo(modality: str, out: str, *, workers: int = 2) -> int:
+def run_demo(modality: str, out: str, *, workers: int = 2, variant: str = "data2vec") -> int:
     out = os.path.abspath(out)
     source, extra = make_corpus(modality, os.path.join(out, "corpus", modality))
     print(f"generated a {modality} corpus at {source} (with one item of each known fault)", flush=True)
@@ -45,7 +45,8 @@ def run_demo(modality: str, out: str, *, workers: int = 2) -> int:
     from flows.pretrain import pretrain
 
     output = os.path.join(out, modality)
-    state = pretrain(modality=modality, source=source, output=output, preset="tiny", build_workers=workers,
+    state = pretrain(modality=modality, source=source, output=output, preset="tiny", variant=variant,
+                     build_workers=workers,
                      mask_variants=4, **DEMO[modality], **extra, return_state=True)
     if not state.is_completed():
         print(f"error: the pretrain flow ended {state.name}: {state.message}", flush=True)

@@ -26,6 +26,7 @@ from flows.launch import python, run_streamed
 
 Modality = Literal["speech", "vision", "text"]
 Preset = Literal["tiny", "base", "large"]
+Variant = Literal["data2vec", "data2vec2"]
 
 # What each modality's stages read: the corpus splits to build, the pre-training and fine-tuning
 # splits of the built dataset, and the trainer's batch settings (the rest comes from the presets).
@@ -55,6 +56,7 @@ class PretrainRequest(BaseModel):
     source: str = Field(min_length=1)  # corpus root (any fsspec URL)
     output: str = Field(min_length=1)  # dataset/, run/, eval/ and report/ go under it
     preset: Preset = "tiny"
+    variant: Variant = "data2vec"  # data2vec2: the efficiency mode's presets ({modality}_v2_{preset})
     max_steps: PositiveInt | None = None  # default: the preset's
     nproc: PositiveInt = 1  # trainer processes (torchrun --nproc_per_node)
     splits: list[str] | None = None  # corpus splits/subsets to build; the first is pre-trained on
@@ -84,6 +86,11 @@ class PretrainRequest(BaseModel):
         if sum(bool(x) for x in (self.dask_address, self.build_workers, self.dask_cluster_class)) > 1:
             raise ValueError("give one of build_workers (a local cluster), dask_address (an existing one) and "
                              "dask_cluster_class (a cluster to start)")
+        from d2v_train.config import CONFIGS
+
+        if not (CONFIGS / f"{self.model}.yaml").exists():
+            raise ValueError(f"preset: there is no {self.variant} {self.preset} preset for {self.modality} "
+                             f"(configs/{self.model}.yaml)")
         if self.splits is None:
             self.splits = SPLITS[self.modality]
         elif self.modality == "text":
@@ -92,6 +99,11 @@ class PretrainRequest(BaseModel):
 
     def url(self, *parts: str) -> str:
         return "/".join([self.output.rstrip("/"), *parts])
+
+    @property
+    def model(self) -> str:
+        """The model preset's name: configs/{model}.yaml."""
+        return f"{self.modality}_v2_{self.preset}" if self.variant == "data2vec2" else f"{self.modality}_{self.preset}"
 
     @property
     def steps(self) -> int:
@@ -108,7 +120,7 @@ class PretrainRequest(BaseModel):
     def trainer_overrides(self) -> list[str]:
         data = TINY_TRAIN_DATA if self.preset == "tiny" else TRAIN_DATA
         return [
-            f"model={self.modality}_{self.preset}", *data[self.modality], f"data.url={self.url('dataset')}",
+            f"model={self.model}", *data[self.modality], f"data.url={self.url('dataset')}",
             f"data.split={self.train_split}", f"run_dir={self.url('run')}", f"train.max_steps={self.steps}",
             f"train.seed={self.seed}", *self.train_overrides,
         ]
@@ -151,7 +163,7 @@ def image_geometry(req: PretrainRequest) -> dict:
 
     from d2v_train.config import CONFIGS
 
-    frontend = yaml.safe_load((CONFIGS / f"{req.modality}_{req.preset}.yaml").read_text())["frontend"]
+    frontend = yaml.safe_load((CONFIGS / f"{req.model}.yaml").read_text())["frontend"]
     return {"image_size": frontend["image_size"], "patch_size": frontend["patch_size"]}
 
 
@@ -310,7 +322,7 @@ def eval_command(req: PretrainRequest, checkpoint: str, out: str) -> list[str]:
     else:
         cmd += ["--train-split", req.train_split, "--eval-split", req.eval_split]
     if checkpoint == "random":
-        cmd += ["--model", f"{req.modality}_{req.preset}"]
+        cmd += ["--model", req.model]
     if req.eval_steps is not None:
         cmd += ["--steps", str(req.eval_steps)]
     if req.preset == "tiny":
@@ -349,7 +361,7 @@ def report(req: PretrainRequest, results: list[str]) -> str | None:
         return None
     out = req.url("report")
     run_streamed([python(), "-m", "flows.cli", "eval", "report", *results, "--out", out,
-                  "--title", f"data2vec {req.modality} {req.preset}: {req.source}"],
+                  "--title", f"{req.variant} {req.modality} {req.preset}: {req.source}"],
                  what="d2v eval report", on_line=logger.info)
     with fsspec.open(f"{out}/report.md", "rt") as f:
         markdown = f.read()
@@ -359,7 +371,7 @@ def report(req: PretrainRequest, results: list[str]) -> str | None:
 
 
 @flow(name="pretrain", description=__doc__.split("\n\n")[0])
-def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tiny",
+def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tiny", variant: Variant = "data2vec",
              max_steps: PositiveInt | None = None, nproc: PositiveInt = 1, splits: list[str] | None = None,
              shard_size: str = "256MB", mask_variants: PositiveInt = 4, seed: NonNegativeInt = 0,
              vocab_size: PositiveInt = 8000, build_workers: NonNegativeInt | None = None,
@@ -369,7 +381,7 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
              eval_args: list[str] | None = None) -> dict:
     """Build shards, pre-train, evaluate against a random encoder, report; everything under `output`."""
     req = PretrainRequest(
-        modality=modality, source=source, output=output, preset=preset, max_steps=max_steps, nproc=nproc,
+        modality=modality, source=source, output=output, preset=preset, variant=variant, max_steps=max_steps, nproc=nproc,
         splits=splits, shard_size=shard_size, mask_variants=mask_variants, seed=seed, vocab_size=vocab_size,
         build_workers=build_workers, dask_address=dask_address, dask_cluster_class=dask_cluster_class,
         dask_cluster_kwargs=dask_cluster_kwargs or {}, eval_steps=eval_steps, eval_data=eval_data,

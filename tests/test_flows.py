@@ -101,10 +101,11 @@ def test_flow_builds_trains_evaluates_reports_then_skips_the_build_and_resumes(p
 def test_vision_and_text_runs_build_for_the_preset_and_evaluate(prefect_api, modality, tmp_path):
     from flows.pretrain import pretrain
 
-    if modality == "vision":  # shards for the preset's 64 px / 8 px grid, probed on the built val split
+    if modality == "vision":  # shards for the preset's 64 px / 8 px grid, probed on the built val split;
+        # pre-trained in the data2vec 2.0 mode: one flow parameter
         source = synthetic.make_imagenet(tmp_path / "corpus", classes=4, train_per_class=12, val_per_class=4,
                                          seed=0, faults=True).source
-        extra = {}
+        extra = {"variant": "data2vec2"}
     else:  # GLUE-format SST-2 for the classification fine-tune, with the pre-training tokenizer
         source = synthetic.make_text_corpus(tmp_path / "corpus", files=2, docs_per_file=20, seed=0, faults=True).source
         synthetic.make_glue_task(tmp_path / "glue", "SST-2", train=40, dev=10)
@@ -117,6 +118,13 @@ def test_vision_and_text_runs_build_for_the_preset_and_evaluate(prefect_api, mod
     task = {"vision": "image-probe", "text": "text-cls"}[modality]
     assert json.loads((out / "eval" / "pretrained.json").read_text())["task"] == task
     assert task in (out / "report" / "report.md").read_text()
+    trained = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert trained["step"] == 3 and trained["masked"] > 0
+    if modality == "vision":
+        assert "data2vec2 vision tiny" in (out / "report" / "report.md").read_text()
+        from d2v_train.eval.backbone import load_backbone
+
+        assert load_backbone(str(out / "run" / "checkpoints")).model.variant == "data2vec2"
 
 
 def test_shard_builders_run_on_an_existing_dask_scheduler_given_by_address(prefect_api, tmp_path):
@@ -165,6 +173,9 @@ def test_a_wrong_parameter_is_an_error_naming_it(prefect_api, corpus, tmp_path):
     assert state.is_failed()
     assert "shard_size" in state.message and "lots" in state.message
     assert not (tmp_path / "out").exists()  # refused before any stage ran
+    state = pretrain(modality="speech", source=corpus, output=str(tmp_path / "out"),
+                     **{**TINY, "preset": "large", "variant": "data2vec2"}, return_state=True)
+    assert state.is_failed() and "no data2vec2 large preset for speech" in state.message
 
 
 # -- a real server, the served deployments, the Prefect CLI ------------------------------------------
