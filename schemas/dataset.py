@@ -124,7 +124,7 @@ class Dataset(_Strict):
 
     def shards_of(self, split: str) -> list[ShardInfo]:
         if split not in self.splits:
-            raise KeyError(f"split {split!r} not in dataset (has: {', '.join(sorted(self.splits))})")
+            raise ValueError(f"split {split!r} not in dataset (has: {', '.join(sorted(self.splits))})")
         return [s for s in self.shards if s.split == split]
 
     def to_json(self) -> str:

@@ -443,6 +443,9 @@ def test_a_wrong_config_exits_2_naming_the_field(override, field, capsys):
 def test_an_epoch_too_short_for_one_step_exits_2(dataset, tmp_path):
     result = train(tmp_path / "run", str(dataset), "train.grad_accum=12", ranks=1, expect=2)
     assert "fewer than train.grad_accum=12" in result.stderr and "epoch 0" in result.stderr
+    result = train(tmp_path / "run", str(dataset), "data.split=train-other", ranks=1, expect=2)
+    assert f"split 'train-other' not in dataset (has: {SPLIT})" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 # -- 4. the elastic resume with shards and checkpoints on S3 ----------------------------------------
