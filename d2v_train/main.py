@@ -62,4 +62,6 @@ def _share_cpus(loader_workers: int) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from d2v_train.teardown import exit_without_teardown
+
+    exit_without_teardown(main())

@@ -58,7 +58,9 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
 
             code = run_eval(args)
             if exit_after_eval and args.eval_task != "report":
-                _exit_without_teardown(code)
+                from d2v_train.teardown import exit_without_teardown
+
+                exit_without_teardown(code)
             return code
         if args.command == "export-hf":
             from d2v_train.export import export_hf
@@ -113,21 +115,6 @@ def _encode(args) -> int:
 def entry() -> None:
     """The `d2v` console script and `python -m flows.cli`."""
     sys.exit(main(exit_after_eval=True))
-
-
-def _exit_without_teardown(code: int) -> None:
-    """End an evaluation process once its result is out, skipping interpreter teardown.
-
-    A finished evaluation can still have loader threads winding down inside native code
-    (libsndfile, numpy, torch); interpreter teardown stops such daemon threads in place, which
-    sometimes aborts the process ("terminate called without an active exception") after the
-    result was already written. Everything the command owns is closed and flushed by now.
-    """
-    import os
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
 
 
 if __name__ == "__main__":
