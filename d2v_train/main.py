@@ -57,7 +57,7 @@ def _share_cpus(loader_workers: int) -> None:
         return
     import torch
 
-    per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, per_process - loader_workers))
 
 
