@@ -202,14 +202,14 @@ def test_each_clone_regresses_its_own_samples_targets_at_its_masked_positions(mo
     model = build_model(SPEECH).train()
     teacher = model.make_teacher()
     seen, drawn = {}, []
-    real_draw, real_losses = model.draw_masks, objective.position_losses
+    real_draw, real_loss = model.draw_masks, objective.regression_loss
     monkeypatch.setattr(model, "draw_masks", lambda *a: drawn.append(real_draw(*a)) or drawn[-1])
 
     def capture(pred, target, cfg):
         seen.setdefault("pairs", []).append((pred.detach(), target))
-        return real_losses(pred, target, cfg)
+        return real_loss(pred, target, cfg)
 
-    monkeypatch.setattr(objective, "position_losses", capture)
+    monkeypatch.setattr(objective, "regression_loss", capture)
     # equal lengths: the positional conv (as fairseq's and HF's) lets padding reach the last real
     # frames from its second layer on, so a padded row's targets differ from the sample's alone
     batch = speech_batch((16000, 16000, 16000))

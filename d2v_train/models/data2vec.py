@@ -21,7 +21,7 @@ from d2v_train.models.targets import build_targets, select_masked
 from d2v_train.models.text import build_text_encoder
 from d2v_train.models.vision import build_vision_encoder
 
-__all__ = ["Data2Vec", "Data2VecOutput", "build_encoder", "build_head", "build_model", "ENCODERS"]
+__all__ = ["Data2Vec", "Data2VecOutput", "build_encoder", "build_head", "build_model", "make_teacher", "ENCODERS"]
 
 # modality -> encoder builder
 ENCODERS = {
@@ -35,6 +35,14 @@ def build_encoder(cfg: ModelConfig) -> Encoder:
     if cfg.modality not in ENCODERS:
         raise ValueError(f"modality: no encoder for {cfg.modality!r} yet (have {sorted(ENCODERS)})")
     return ENCODERS[cfg.modality](cfg)
+
+
+def make_teacher(student: Encoder) -> EMATeacher:
+    """The student's EMA teacher, initialised as a copy of the student (as the reference), without
+    the front-end parts it does not hold and copying those it must not average."""
+    fe = student.frontend
+    return EMATeacher(student, skip=[f"frontend.{n}" for n in fe.teacher_skip],
+                      copy_prefixes=[f"frontend.{n}" for n in fe.teacher_copy])
 
 
 def build_head(kind: str, dim: int) -> nn.Module:
@@ -72,10 +80,7 @@ class Data2Vec(nn.Module):
         self.head = build_head(cfg.objective.head, cfg.encoder.dim)
 
     def make_teacher(self) -> EMATeacher:
-        """The student's EMA teacher, initialised as a copy of the student (as the reference)."""
-        fe = self.student.frontend
-        return EMATeacher(self.student, skip=[f"frontend.{n}" for n in fe.teacher_skip],
-                          copy_prefixes=[f"frontend.{n}" for n in fe.teacher_copy])
+        return make_teacher(self.student)
 
     def forward(self, batch: dict, teacher: EMATeacher) -> Data2VecOutput:
         """``batch``: the loader's for the modality, e.g. speech {"source", "padding_mask" (True =

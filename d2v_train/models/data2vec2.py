@@ -16,10 +16,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v_train.models.config import ModelConfig
-from d2v_train.models.data2vec import Data2VecOutput, build_encoder
+from d2v_train.models.data2vec import Data2VecOutput, build_encoder, make_teacher
 from d2v_train.models.decoder import ConvDecoder
 from d2v_train.models.ema import EMATeacher
-from d2v_train.models.loss import position_losses, std_stats
+from d2v_train.models.loss import position_losses, regression_loss, std_stats
 from d2v_train.models.multimask import clone, draw_clone_masks, pad_front, restore
 from d2v_train.models.targets import build_targets
 
@@ -48,9 +48,7 @@ class Data2Vec2(nn.Module):
         self.decoder = ConvDecoder(cfg.data2vec2.decoder, cfg.encoder.dim, grid)
 
     def make_teacher(self) -> EMATeacher:
-        fe = self.student.frontend
-        return EMATeacher(self.student, skip=[f"frontend.{n}" for n in fe.teacher_skip],
-                          copy_prefixes=[f"frontend.{n}" for n in fe.teacher_copy])
+        return make_teacher(self.student)
 
     def draw_masks(self, padding_BS: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         """(B * M, S) masks over the content positions (no CLS) of the batch's samples."""
@@ -86,8 +84,7 @@ class Data2Vec2(nn.Module):
 
         y_NSD = clone(y_BSD, M)
         pred_ND, y_ND = pred_NSD[mask_NS], y_NSD[mask_NS]
-        loss_sum = position_losses(pred_ND, y_ND, obj).sum()
-        count = torch.tensor(float(pred_ND.shape[0]), device=pred_ND.device)
+        loss_sum, count = regression_loss(pred_ND, y_ND, obj)
         if v2.cls_loss:
             # CLS (kept slot 0) regresses the sample's mean target; weighted by the clone's masked
             # count, so that after the trainer's division it adds cls_loss x the mean over clones
