@@ -277,3 +277,10 @@ def test_hf_export_refuses_what_hf_data2vec_cannot_hold():
         hf_audio_config(SPEECH)
     with pytest.raises(ValueError, match="sin-cos"):
         hf_vision_config(VISION)
+
+
+def test_sincos_positions_need_a_width_divisible_by_4():
+    vision = {"modality": "vision", "encoder": {"dim": 66, "heads": 6, "pre_ln": True, "final_ln": True},
+              "frontend": {"kind": "vision", "positions": "sincos"}}
+    with pytest.raises(ValidationError, match="encoder.dim: the 2-D sin-cos positions need a multiple of 4"):
+        ModelConfig.model_validate(vision)

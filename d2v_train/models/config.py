@@ -262,6 +262,8 @@ class ModelConfig(_Strict):
         if self.frontend.kind == "speech" and self.encoder.dim % self.frontend.pos_conv_groups:
             raise ValueError(f"frontend.pos_conv_groups: {self.frontend.pos_conv_groups} does not divide "
                              f"encoder.dim {self.encoder.dim}")
+        if self.frontend.kind == "vision" and self.frontend.positions == "sincos" and self.encoder.dim % 4:
+            raise ValueError(f"encoder.dim: the 2-D sin-cos positions need a multiple of 4, got {self.encoder.dim}")
         if self.variant == "data2vec" and self.data2vec2 is not None:
             raise ValueError("data2vec2: settings for variant data2vec2, but variant is data2vec")
         if self.variant == "data2vec2":

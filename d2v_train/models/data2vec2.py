@@ -55,7 +55,7 @@ class Data2Vec2(nn.Module):
         v2, fe = self.cfg.data2vec2, self.student.frontend
         lengths_B = (~padding_BS).sum(1).cpu().numpy()
         mask_NS = draw_clone_masks(v2.mask, lengths_B, padding_BS.shape[1], v2.clones, rng,
-                                   grid=getattr(fe, "grid", None), skip_ends=self.cfg.modality == "text")
+                                   grid=getattr(fe, "grid", None), skip_ends=fe.keep_ends)
         return mask_NS.to(padding_BS.device)
 
     def forward(self, batch: dict, teacher: EMATeacher) -> Data2VecOutput:

@@ -29,6 +29,8 @@ class Frontend(nn.Module):
     share_features: bool = False
     # leading tokens that are not content (vision's CLS): never masked, no target of their own
     extra_tokens: int = 0
+    # True: the first and last content positions (text's <s> and </s>) are never masked
+    keep_ends: bool = False
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw batch -> (features x_BTD, padding_BT with True = padded)."""

@@ -26,6 +26,7 @@ def position_ids(padding_BT: torch.Tensor, pad_id: int) -> torch.Tensor:
 class TextFrontend(Frontend):
     teacher_skip = ("word_embeddings", "position_embeddings", "token_type_embeddings", "layer_norm")
     share_features = True
+    keep_ends = True  # <s> and </s>
 
     def __init__(self, cfg: TextEncoderConfig, enc: TransformerConfig):
         super().__init__()

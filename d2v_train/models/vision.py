@@ -79,8 +79,6 @@ class VisionFrontend(Frontend):
         self.cls_token = nn.Parameter(torch.zeros(enc.dim))
         self.mask_emb = nn.Parameter(torch.zeros(enc.dim))
         self.rel_pos_bias = RelativePositionBias(cfg.grid, enc.heads) if cfg.positions == "relative" else None
-        if cfg.positions == "sincos":
-            sincos_2d(cfg.grid, enc.dim)  # a wrong width fails here, not at the first batch
 
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         """{"image" (B, C, H, W)} -> CLS + patch features (B, 1+P, D), no padding."""
