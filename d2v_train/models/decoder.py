@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v_train.models.config import DecoderConfig
+from d2v_train.models.conv import conv1d_via_2d
 
 __all__ = ["ConvDecoder"]
 
@@ -40,7 +41,7 @@ class ConvDecoder(nn.Module):
                 raise ValueError(f"decoder: {T} positions do not fill the {H}x{W} grid")
             x = x_NTD.transpose(1, 2).reshape(N, D, H, W)
         for i, conv in enumerate(self.convs):
-            y = conv(x)
+            y = conv(x) if self.grid is not None else conv1d_via_2d(conv, x)
             y = F.gelu(F.layer_norm(y.movedim(1, -1), y.shape[1:2]).movedim(-1, 1))
             x = y if i == 0 else x + y
         return self.proj(x.flatten(2).transpose(1, 2))

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v_train.models.config import SpeechEncoderConfig, TransformerConfig
+from d2v_train.models.conv import conv1d_via_2d
 from d2v_train.models.encoder import Encoder, Frontend
 from d2v_train.models.positions import alibi_bias
 
@@ -87,6 +88,12 @@ class _FeatureProjection(nn.Module):
 
 
 class _PosConvLayer(nn.Module):
+    """Grouped Conv1d -> LayerNorm over channels -> GELU, on channel-major (B, D, T) features.
+
+    Training computes the conv with ``conv.conv1d_via_2d`` (faster backward on CPU, which matters
+    for data2vec 2.0's per-clone pass); eval keeps Conv1d, so outputs equal HF's bit for bit.
+    """
+
     def __init__(self, dim: int, kernel: int, groups: int):
         super().__init__()
         self.conv = nn.Conv1d(dim, dim, kernel, padding=kernel // 2, groups=groups)
@@ -94,7 +101,7 @@ class _PosConvLayer(nn.Module):
         nn.init.zeros_(self.conv.bias)
 
     def forward(self, x_BDT: torch.Tensor) -> torch.Tensor:
-        x_BDT = self.conv(x_BDT)
+        x_BDT = conv1d_via_2d(self.conv, x_BDT) if self.training else self.conv(x_BDT)
         if self.trim:
             x_BDT = x_BDT[:, :, :-self.trim]
         return F.gelu(F.layer_norm(x_BDT.transpose(1, 2), x_BDT.shape[1:2]).transpose(1, 2))
