@@ -77,6 +77,9 @@ class GuardConfig(_Strict):
     collapse_after: int = Field(5000, ge=0)  # updates before the guard is armed
     min_target_std: float = 0.1
     min_pred_std: float = 0.01
+    # effective rank of the targets (loss.effective_rank; the per-channel std cannot see channels
+    # that collapse onto a few directions); None = logged, not guarded
+    min_target_rank: float | None = Field(None, gt=0)
     nonfinite: Literal["stop", "skip"] = "stop"
 
 

@@ -98,6 +98,8 @@ def read_metrics(run_dir: str) -> list[dict]:
 def progress_line(record: dict) -> str:
     parts = [f"step {record['step']}", f"loss {record['loss']:.4f}", f"lr {record['lr']:.2e}",
              f"tau {record['tau']:.5f}", f"target_std {record['target_std']:.3f}", f"pred_std {record['pred_std']:.3f}"]
+    if "target_rank" in record:
+        parts.append(f"target_rank {record['target_rank']:.1f}")
     if "audio_s_per_s" in record:
         parts.append(f"{record['audio_s_per_s']:.0f} audio-s/s")
     if "tokens_per_s" in record:

@@ -223,7 +223,8 @@ class Trainer:
         epoch = self.loader.epoch
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.step)  # same draws on every rank, and on resume
         self.model.train()
-        sums = torch.zeros(5, dtype=torch.float64)  # loss sum, masked positions, samples, audio s or tokens, SIGTERM
+        # loss sum, masked positions, samples, audio s or tokens, SIGTERM, target rank sum, its count
+        sums = torch.zeros(7, dtype=torch.float64)
         target_stats = pred_stats = 0.0
         keys = []
         for batch in batches:
@@ -232,6 +233,8 @@ class Trainer:
             sums[:2] += torch.stack([out.loss_sum.detach(), out.count.detach()]).double().cpu()
             target_stats = out.target_stats.detach().cpu() + target_stats
             pred_stats = out.pred_stats.detach().cpu() + pred_stats
+            if math.isfinite(rank := float(out.target_rank)):
+                sums[5:7] += torch.tensor([rank, 1.0], dtype=torch.float64)
             keys += batch["keys"]
             if "source" in batch:  # speech: audio seconds
                 sums[3] += batch["source"].numel() / self.loader.frame_grid.sample_rate
@@ -239,8 +242,9 @@ class Trainer:
                 sums[3] += float((~batch["padding_mask"]).sum())
         sums[2], sums[4] = len(keys), float(self._stop_signal)
         reduced = all_reduce_sum(torch.cat([sums, target_stats, pred_stats]))
-        sums, (target_stats, pred_stats) = reduced[:5], reduced[5:].chunk(2)
-        loss_sum, count, samples, audio, stop = sums.tolist()
+        sums, (target_stats, pred_stats) = reduced[:7], reduced[7:].chunk(2)
+        loss_sum, count, samples, audio, stop, rank_sum, ranks = sums.tolist()
+        target_rank = rank_sum / ranks if ranks else float("nan")
         loss = loss_sum / max(count, 1.0)
         params = [p for p in self.model.parameters() if p.grad is not None]
         for param in params:
@@ -275,8 +279,14 @@ class Trainer:
                                   f"(min {cfg.guard.min_target_std}), prediction std {pred_std:.4f} "
                                   f"(min {cfg.guard.min_pred_std}); the last good checkpoint is "
                                   f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
+        if (self.step > cfg.guard.collapse_after and cfg.guard.min_target_rank is not None
+                and target_rank < cfg.guard.min_target_rank):
+            raise TrainingStopped(f"representation collapse at step {self.step}: the targets' effective rank is "
+                                  f"{target_rank:.2f} (min {cfg.guard.min_target_rank}): they vary along that many "
+                                  f"of their {cfg.model.encoder.dim} directions; the last good checkpoint is "
+                                  f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
         return {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
-                "pred_std": pred_std, "grad_norm": grad_norm, "masked": int(count), "skipped": skipped, "epoch": epoch,
+                "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count), "skipped": skipped, "epoch": epoch,
                 "memory_mb": _memory_mb(world.device), "_samples": samples, "_audio_s": audio, "_stop": stop > 0}
 
     def _on_sigterm(self, signum, frame) -> None:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from d2v_train.models import Data2Vec, EMAConfig, ObjectiveConfig, ema_tau, load_config
-from d2v_train.models.loss import masked_std, regression_loss, std_from_stats, std_stats
+from d2v_train.models.loss import effective_rank, masked_std, regression_loss, std_from_stats, std_stats
 from d2v_train.models.speech import conv_output_lengths
 from d2v_train.models.targets import build_targets, instance_norm, select_masked
 from pipelines.masking import compute_span_masks
@@ -105,6 +105,22 @@ def test_std_statistics_are_all_reducible():
     assert math.isclose(std_from_stats(merged).item(), hand.item(), rel_tol=1e-6)
 
 
+def test_effective_rank_sees_channels_collapsing_onto_one_direction():
+    g = torch.Generator().manual_seed(4)
+    spread = torch.randn(4000, 8, generator=g)
+    assert 7.8 < effective_rank(spread).item() <= 8.0
+    basis = torch.linalg.qr(torch.randn(8, 4, generator=g)).Q.T  # 4 orthonormal directions of 8
+    assert 3.8 < effective_rank(spread[:, :4] @ basis).item() <= 4.0
+    # every channel a scaled copy of one signal: unit std per channel (as after instance norm),
+    # so the std statistic sees nothing wrong; the effective rank does
+    copies = torch.randn(4000, 1, generator=g) * torch.linspace(1, 2, 8) + 1e-3 * torch.randn(4000, 8, generator=g)
+    copies = (copies - copies.mean(0)) / copies.std(0)
+    assert masked_std(copies).item() > 0.99 and effective_rank(copies).item() < 1.01
+    # subsampled rows (every k-th) for long inputs, and undefined below two rows
+    assert abs(effective_rank(spread, max_rows=1000).item() - effective_rank(spread[::4]).item()) < 1e-4
+    assert math.isnan(effective_rank(spread[:1]).item())
+
+
 # -- EMA ----------------------------------------------------------------------------------------
 
 def test_ema_tau_schedule():
@@ -183,6 +199,7 @@ def test_objective_matches_hand_computation():
     assert out.count.item() == mask.sum().item()
     assert math.isclose(out.loss_sum.item(), hand, rel_tol=1e-4)
     assert math.isclose(out.target_std.item(), masked_std(torch.from_numpy(y)).item(), rel_tol=1e-4)
+    assert math.isclose(out.target_rank.item(), effective_rank(torch.from_numpy(y)).item(), rel_tol=1e-3)
 
     out.loss_sum.backward()
     assert all(p.grad is None for p in teacher.parameters())

@@ -47,7 +47,7 @@ COMMON = [
 POLICY = BatchPolicy(max_tokens=64000, min_sample_size=16000, max_sample_size=48000, shuffle_block=4)
 BATCHES_PER_EPOCH, STEPS_PER_EPOCH = 11, 5
 # what the runs compute (timings and memory left out)
-COMPUTED = ("loss", "grad_norm", "lr", "tau", "target_std", "pred_std", "masked", "skipped", "epoch")
+COMPUTED = ("loss", "grad_norm", "lr", "tau", "target_std", "pred_std", "target_rank", "masked", "skipped", "epoch")
 
 
 def torchrun(test):
@@ -403,6 +403,12 @@ def test_a_nonfinite_loss_stops_naming_the_last_good_checkpoint(dataset, two_ran
     assert _digest(good) == before
     assert sorted(p.name for p in good.parent.iterdir()) == [good.name]
     assert max(_steps_logged(run_dir)) == 9
+    # the effective-rank guard: the tiny model's targets never spread evenly over all 64 directions
+    ranks = [r["target_rank"] for r in metrics(run_dir)]
+    assert all(1.0 < rank < 64.0 for rank in ranks), ranks
+    result = train(run_dir, str(dataset), "guard.collapse_after=0", "guard.min_target_rank=64", ranks=1, expect=1)
+    assert "representation collapse at step 9: the targets' effective rank is" in result.stderr
+    assert "(min 64.0)" in result.stderr and f"the last good checkpoint is {good}" in result.stderr
 
 
 @torchrun

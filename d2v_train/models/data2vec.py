@@ -15,7 +15,7 @@ from torch import nn
 from d2v_train.models.config import ModelConfig
 from d2v_train.models.ema import EMATeacher
 from d2v_train.models.encoder import Encoder
-from d2v_train.models.loss import regression_loss, std_from_stats, std_stats
+from d2v_train.models.loss import effective_rank, regression_loss, std_from_stats, std_stats
 from d2v_train.models.speech import build_speech_encoder
 from d2v_train.models.targets import build_targets, select_masked
 from d2v_train.models.text import build_text_encoder
@@ -62,6 +62,7 @@ class Data2VecOutput(NamedTuple):
     count: torch.Tensor  # masked positions regressed on this rank
     target_stats: torch.Tensor  # loss.std_stats: all-reduce (SUM), then std_from_stats
     pred_stats: torch.Tensor
+    target_rank: torch.Tensor  # loss.effective_rank of this rank's targets (a diagnostic: average it)
 
     @property
     def target_std(self) -> torch.Tensor:
@@ -102,7 +103,7 @@ class Data2Vec(nn.Module):
         x_BTD = self.student(x_BTD, padding_BT, mask_BT).x_BTD
         pred_ND = self.head(select_masked(x_BTD, mask_BT))
         loss_sum, count = regression_loss(pred_ND, y_ND, obj)
-        return Data2VecOutput(loss_sum, count, std_stats(y_ND), std_stats(pred_ND))
+        return Data2VecOutput(loss_sum, count, std_stats(y_ND), std_stats(pred_ND), effective_rank(y_ND))
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:

@@ -19,7 +19,7 @@ from d2v_train.models.config import ModelConfig
 from d2v_train.models.data2vec import Data2VecOutput, build_encoder, make_teacher
 from d2v_train.models.decoder import ConvDecoder
 from d2v_train.models.ema import EMATeacher
-from d2v_train.models.loss import position_losses, regression_loss, std_stats
+from d2v_train.models.loss import effective_rank, position_losses, regression_loss, std_stats
 from d2v_train.models.multimask import clone, draw_clone_masks, pad_front, restore
 from d2v_train.models.targets import build_targets
 
@@ -90,4 +90,4 @@ class Data2Vec2(nn.Module):
             # count, so that after the trainer's division it adds cls_loss x the mean over clones
             cls_N = position_losses(out.x_BTD[:, 0], clone(y_BSD.mean(1), M), obj)
             loss_sum = loss_sum + v2.cls_loss * (cls_N * mask_NS.sum(1)).sum()
-        return Data2VecOutput(loss_sum, count, std_stats(y_ND), std_stats(pred_ND))
+        return Data2VecOutput(loss_sum, count, std_stats(y_ND), std_stats(pred_ND), effective_rank(y_BSD[~padding_BS]))

@@ -3,6 +3,9 @@
 The loss comes back as (sum, count): ranks mask different numbers of positions, so the trainer
 divides the local sum by the all-reduced count (DATA2VEC.md section 1.5), not by world size.
 The variance statistics are likewise sums that can be all-reduced before ``std_from_stats``.
+The per-channel std cannot see a collapse in which the channels become copies of each other
+(instance-normed targets keep unit variance per channel whatever their correlation); the
+effective rank of the targets does.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import torch.nn.functional as F
 
 from d2v_train.models.config import ObjectiveConfig
 
-__all__ = ["position_losses", "regression_loss", "std_stats", "std_from_stats", "masked_std"]
+__all__ = ["effective_rank", "masked_std", "position_losses", "regression_loss", "std_from_stats", "std_stats"]
 
 
 def position_losses(pred_ND: torch.Tensor, target_ND: torch.Tensor, cfg: ObjectiveConfig) -> torch.Tensor:
@@ -57,3 +60,17 @@ def std_from_stats(stats: torch.Tensor) -> torch.Tensor:
 def masked_std(y_ND: torch.Tensor) -> torch.Tensor:
     """Local (single-process) value of the collapse-guard statistic."""
     return std_from_stats(std_stats(y_ND))
+
+
+def effective_rank(y_ND: torch.Tensor, max_rows: int = 2048) -> torch.Tensor:
+    """exp(entropy of the normalised eigenvalues of the rows' covariance): ~D for rows spread over
+    all D directions, ~1 when they vary along one. Up to ``max_rows`` evenly spaced rows, fp32."""
+    y_ND = y_ND.detach()
+    if y_ND.shape[0] > max_rows:
+        y_ND = y_ND[:: -(-y_ND.shape[0] // max_rows)]
+    if y_ND.shape[0] < 2:
+        return torch.tensor(float("nan"), device=y_ND.device)
+    y_ND = y_ND.float() - y_ND.float().mean(0)
+    eig_D = torch.linalg.eigvalsh(y_ND.T @ y_ND).clamp_min(0.0)
+    p_D = eig_D / eig_D.sum().clamp_min(1e-12)
+    return torch.exp(-(p_D * p_D.clamp_min(1e-12).log()).sum())
