@@ -119,6 +119,8 @@ def test_effective_rank_sees_channels_collapsing_onto_one_direction():
     # subsampled rows (every k-th) for long inputs, and undefined below two rows
     assert abs(effective_rank(spread, max_rows=1000).item() - effective_rank(spread[::4]).item()) < 1e-4
     assert math.isnan(effective_rank(spread[:1]).item())
+    assert math.isnan(effective_rank(torch.cat([spread, torch.full((1, 8), float("inf"))])).item())
+    assert math.isclose(effective_rank(spread * 1e30).item(), effective_rank(spread).item(), rel_tol=1e-4)
 
 
 # -- EMA ----------------------------------------------------------------------------------------

@@ -64,13 +64,19 @@ def masked_std(y_ND: torch.Tensor) -> torch.Tensor:
 
 def effective_rank(y_ND: torch.Tensor, max_rows: int = 2048) -> torch.Tensor:
     """exp(entropy of the normalised eigenvalues of the rows' covariance): ~D for rows spread over
-    all D directions, ~1 when they vary along one. Up to ``max_rows`` evenly spaced rows, fp32."""
+    all D directions, ~1 when they vary along one. Up to ``max_rows`` evenly spaced rows, fp32.
+    NaN when it is undefined (fewer than two rows, non-finite values): a diagnostic never fails a step."""
+    nan = torch.tensor(float("nan"), device=y_ND.device)
     y_ND = y_ND.detach()
     if y_ND.shape[0] > max_rows:
         y_ND = y_ND[:: -(-y_ND.shape[0] // max_rows)]
-    if y_ND.shape[0] < 2:
-        return torch.tensor(float("nan"), device=y_ND.device)
+    if y_ND.shape[0] < 2 or not bool(torch.isfinite(y_ND).all()):
+        return nan
     y_ND = y_ND.float() - y_ND.float().mean(0)
-    eig_D = torch.linalg.eigvalsh(y_ND.T @ y_ND).clamp_min(0.0)
+    y_ND = y_ND / y_ND.abs().max().clamp_min(1e-30)  # scale-free: no overflow in the covariance
+    try:
+        eig_D = torch.linalg.eigvalsh(y_ND.T @ y_ND).clamp_min(0.0)
+    except torch.linalg.LinAlgError:
+        return nan
     p_D = eig_D / eig_D.sum().clamp_min(1e-12)
     return torch.exp(-(p_D * p_D.clamp_min(1e-12).log()).sum())
