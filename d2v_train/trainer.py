@@ -79,13 +79,15 @@ class Trainer:
                                       world_size=self.world.size, seed=cfg.train.seed, workers=data.workers,
                                       io_threads=data.io_threads, cache_dir=data.cache_dir,
                                       skip_bad_shards=data.skip_bad_shards,
-                                      image_size=getattr(cfg.model.frontend, "image_size", 224))
+                                      image_size=getattr(cfg.model.frontend, "image_size", 224),
+                                      keep_empty_batches=True)
         self._check_epoch_fills_a_step()
         self.metrics = MetricsLog(cfg.run_dir, enabled=self.world.main)
         self.keys_log = KeysLog(cfg.run_dir, self.world.rank) if cfg.train.log_keys else None
         self.step = 0
         self.resumed_from: str | None = None
         self._epoch_batches = None  # the loader's iterator over the current epoch
+        self._last_batch: dict | None = None  # stands in for a batch lost to skipped bad shards
         self._stop_signal = False
         self._pending_save: checkpoint.PendingSave | None = None
         # async saves run DCP's collectives in a thread: on a group of their own (a collective call)
@@ -223,11 +225,18 @@ class Trainer:
         epoch = self.loader.epoch
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.step)  # same draws on every rank, and on resume
         self.model.train()
-        # loss sum, masked positions, samples, audio s or tokens, SIGTERM, target rank sum, its count
-        sums = torch.zeros(7, dtype=torch.float64)
-        target_stats = pred_stats = 0.0
+        # loss sum, masked positions, samples, audio s or tokens, SIGTERM, target rank sum, its count,
+        # samples of skipped bad shards
+        sums = torch.zeros(8, dtype=torch.float64)
+        target_stats = pred_stats = torch.zeros(1 + 2 * cfg.model.encoder.dim, dtype=torch.float64)  # std_stats
         keys = []
+        real = [batch for batch in batches if batch["keys"]]
+        self._last_batch = real[-1] if real else self._last_batch
         for batch in batches:
+            sums[7] += batch.get("skipped", 0)
+            if not batch["keys"]:
+                self._stand_in_for_empty(batch, real)
+                continue
             out = self.model(batch, self.teacher)
             out.loss_sum.backward()
             sums[:2] += torch.stack([out.loss_sum.detach(), out.count.detach()]).double().cpu()
@@ -242,8 +251,8 @@ class Trainer:
                 sums[3] += float((~batch["padding_mask"]).sum())
         sums[2], sums[4] = len(keys), float(self._stop_signal)
         reduced = all_reduce_sum(torch.cat([sums, target_stats, pred_stats]))
-        sums, (target_stats, pred_stats) = reduced[:7], reduced[7:].chunk(2)
-        loss_sum, count, samples, audio, stop, rank_sum, ranks = sums.tolist()
+        sums, (target_stats, pred_stats) = reduced[:8], reduced[8:].chunk(2)
+        loss_sum, count, samples, audio, stop, rank_sum, ranks, bad_samples = sums.tolist()
         target_rank = rank_sum / ranks if ranks else float("nan")
         loss = loss_sum / max(count, 1.0)
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -255,7 +264,10 @@ class Trainer:
         lr = cfg.optim.lr * lr_scale(self.step, cfg.train.max_steps, cfg.optim)
         tau = ema_tau(self.step, cfg.model.ema)
         skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if skipped:
+        if count == 0 and not skipped:  # every batch of the step was lost to skipped bad shards
+            skipped = True
+            self.optimizer.zero_grad(set_to_none=True)
+        elif skipped:
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.guard.nonfinite == "stop":
                 raise TrainingStopped(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
@@ -286,8 +298,21 @@ class Trainer:
                                   f"of their {cfg.model.encoder.dim} directions; the last good checkpoint is "
                                   f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
         return {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
-                "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count), "skipped": skipped, "epoch": epoch,
+                "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count), "skipped": skipped,
+                "skipped_samples": int(bad_samples), "epoch": epoch,
                 "memory_mb": _memory_mb(world.device), "_samples": samples, "_audio_s": audio, "_stop": stop > 0}
+
+    def _stand_in_for_empty(self, batch: dict, real: list[dict]) -> None:
+        """A batch whose samples all came from skipped bad shards: this rank still runs a forward and
+        backward, of a real batch (of this step, else the last one) weighted 0, because FSDP's
+        collectives must match across ranks; it adds nothing to the loss or the gradients."""
+        stand_in = real[0] if real else self._last_batch
+        if stand_in is None:
+            raise TrainingStopped(f"rank {self.world.rank}: every sample of global batch {batch['batch']} (epoch "
+                                  f"{batch['epoch']}) came from skipped bad shards, and this process has no earlier "
+                                  "batch to keep step with the other ranks")
+        out = self.model(stand_in, self.teacher)
+        (out.loss_sum * 0.0).backward()
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_signal = True  # acted on after the step: every rank sees it in the step's all-reduce

@@ -431,6 +431,43 @@ def test_skipping_nonfinite_steps_and_sigterm_saving_before_exit_143(dataset, tw
     assert final["progress"][:3].tolist() > first["progress"][:3].tolist() and int(final["progress"][0]) == last
 
 
+@torchrun
+def test_skipping_a_bad_shard_keeps_the_ranks_in_step(dataset, planned, tmp_path):
+    """With shard 1 gone, some global batches lose every sample (epoch 0's batch 4 on rank 0 alone;
+    epoch 3's batches 8 and 9, both ranks' batches of step 20): the ranks still step together, an
+    all-lost step changes no weight, and every other sample is trained on once."""
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    index = StreamingLoader(str(copy), SPLIT, POLICY, workers=1)
+    shard_of = dict(zip(index.index.columns["key"], index.index.columns["shard"]))
+    index.close()
+    lost = {key for key, shard in shard_of.items() if int(shard) == 1}
+    assert [shard_of[k] for k in planned[0][4]] == [1] * len(planned[0][4])
+    assert all(shard_of[k] == 1 for k in planned[3][8] + planned[3][9])
+    (copy / json.loads((copy / "dataset.json").read_text())["shards"][1]["name"]).unlink()
+
+    run_dir = tmp_path / "run"
+    result = train(run_dir, str(copy), "data.skip_bad_shards=true", "checkpoint.every_steps=19")
+    assert "skipping bad" in result.stderr
+    records = metrics(run_dir)
+    assert [r["step"] for r in records] == list(range(1, STEPS + 1))
+    assert [r["skipped"] for r in records] == [False] * (STEPS - 1) + [True]
+    assert records[-1]["masked"] == 0 and all(r["masked"] > 0 for r in records[:-1])
+    expected = {}
+    for step in range(STEPS):
+        epoch, k = divmod(step, STEPS_PER_EPOCH)
+        for batch in planned[epoch][2 * k: 2 * k + 2]:
+            expected.setdefault(epoch, Counter()).update(key for key in batch if key not in lost)
+    assert keys_by_epoch(run_dir) == expected
+    planned_lost = sum(key in lost for epoch in range(4) for batch in planned[epoch][:10] for key in batch)
+    assert sum(r["skipped_samples"] for r in records) == planned_lost > 0
+    # the all-lost last step left the weights as step 19 had them
+    final = checkpoint_state(run_dir / "checkpoints" / f"step-{STEPS:08d}", tmp_path / "b.pt")
+    before = checkpoint_state(run_dir / "checkpoints" / f"step-{19:08d}", tmp_path / "a.pt")
+    for part in ("model", "teacher"):
+        assert_equal_trees(final[part], before[part], part)
+
+
 @pytest.mark.parametrize("override, field", [
     ("train.max_stepz=3", "train.max_stepz"),
     ("data.max_tokens=-1", "data.max_tokens"),

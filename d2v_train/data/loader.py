@@ -59,14 +59,17 @@ class StreamingLoader:
     def __init__(self, location: Location | str, split: str, policy: BatchPolicy, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, train: bool = True, workers: int = 4, prefetch: int = 2,
                  io_threads: int = 8, retries: int = 5, cache_dir: str | None = None, skip_bad_shards: bool = False,
-                 image_size: int = 224) -> None:
+                 image_size: int = 224, keep_empty_batches: bool = False) -> None:
+        """``keep_empty_batches``: a batch whose samples all came from skipped bad shards is still
+        handed out, as {"keys": [], "skipped": n, ...}, so that every rank sees the same number of
+        batches (a trainer's ranks must step together); by default it is left out."""
         self.location = location if isinstance(location, Location) else Location(location)
         self.index = SplitIndex.load(self.location, split)
         if not 0 <= rank < world_size:
             raise ValueError(f"--rank {rank} must be in [0, --world-size {world_size})")
         self.split, self.policy, self.rank, self.world_size = split, policy, rank, world_size
         self.seed, self.train, self.workers, self.prefetch = seed, train, max(1, workers), max(1, prefetch)
-        self.image_size = image_size
+        self.image_size, self.keep_empty_batches = image_size, keep_empty_batches
         dataset = self.index.dataset
         if dataset.modality == "speech" and policy.max_tokens is None and policy.crop:
             raise ValueError("speech training batches are planned by --max-tokens")
@@ -149,8 +152,11 @@ class StreamingLoader:
         keep = [j for j, sample in enumerate(fetched) if sample is not None]
         variant = epoch % self.variants
         rng = np.random.default_rng([self.seed, epoch, plan.number, 5])
+        skipped = len(requests) - len(keep)
         if not keep:
-            return None
+            if not self.keep_empty_batches:
+                return None
+            return {"keys": [], "skipped": skipped, "epoch": epoch, "batch": plan.number, "padding": padding}
         keys = [fetched[j].key for j in keep]
         modality = self.index.modality
         if modality == "speech":
@@ -184,6 +190,8 @@ class StreamingLoader:
                                          rng=rng)
             self.throughput.add(len(items), tokens=sum(len(tokens) for tokens, _ in items))
         batch.update({"epoch": epoch, "batch": plan.number, "padding": padding})
+        if skipped:
+            batch["skipped"] = skipped  # samples of skipped bad shards left out of this batch
         return batch
 
     def close(self) -> None:
