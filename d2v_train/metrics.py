@@ -109,7 +109,7 @@ def progress_line(record: dict) -> str:
 
 
 def plot(run_dir: str) -> Path | None:
-    """loss and target/prediction std over steps, as PNG beside the metrics."""
+    """loss, target/prediction std and the targets' effective rank over steps, as PNG beside the metrics."""
     records = read_metrics(run_dir)
     if not records:
         return None
@@ -125,7 +125,13 @@ def plot(run_dir: str) -> Path | None:
     bottom.plot(steps, [r["target_std"] for r in records], label="target std")
     bottom.plot(steps, [r["pred_std"] for r in records], label="prediction std")
     bottom.set_xlabel("step")
-    bottom.legend()
+    bottom.legend(loc="upper left")
+    ranks = [(r["step"], r["target_rank"]) for r in records if "target_rank" in r]
+    if ranks:
+        right = bottom.twinx()
+        right.plot(*zip(*ranks), color="tab:green", label="target effective rank")
+        right.set_ylabel("effective rank")
+        right.legend(loc="upper right")
     path = Path(run_dir) / "training.png"
     figure.tight_layout()
     figure.savefig(path, dpi=100)
