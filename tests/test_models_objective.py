@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from d2v_train.models import Data2Vec, EMAConfig, ObjectiveConfig, ema_tau, load_config
-from d2v_train.models.loss import effective_rank, masked_std, regression_loss, std_from_stats, std_stats
+from d2v_train.models.loss import (
+    effective_rank,
+    masked_std,
+    regression_loss,
+    std_from_stats,
+    std_stats,
+)
 from d2v_train.models.speech import conv_output_lengths
 from d2v_train.models.targets import build_targets, instance_norm, select_masked
 from pipelines.masking import compute_span_masks
