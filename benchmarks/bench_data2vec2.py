@@ -117,6 +117,7 @@ def effective_rank(checkpoints: list[str], data: Path) -> dict[str, float]:
     from d2v_train.data.loader import StreamingLoader
     from d2v_train.eval.backbone import load_backbone
     from d2v_train.eval.speech_ctc import eval_policy
+    from d2v_train.models.loss import effective_rank
     from d2v_train.models.speech import frame_padding_mask
 
     loader = StreamingLoader(str(data), HELD_OUT, eval_policy(400_000), workers=1, train=False)
@@ -132,10 +133,8 @@ def effective_rank(checkpoints: list[str], data: Path) -> dict[str, float]:
                 x_BTD = fe.feature_projection(fe.feature_extractor(batch["source"]))
                 padding_BT = frame_padding_mask(batch["padding_mask"], x_BTD.shape[1], fe.conv_geometry)
                 frames.append(encoder(x_BTD, padding_BT).x_BTD[~padding_BT])
-        v = torch.cat(frames)
-        s2 = torch.linalg.svdvals(v - v.mean(0)) ** 2
-        p = s2 / s2.sum()
-        ranks[ck] = float(torch.exp(-(p * p.clamp_min(1e-12).log()).sum()))
+        frames_ND = torch.cat(frames)
+        ranks[ck] = float(effective_rank(frames_ND, max_rows=len(frames_ND)))
     return ranks
 
 
