@@ -263,13 +263,11 @@ class Trainer:
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
         lr = cfg.optim.lr * lr_scale(self.step, cfg.train.max_steps, cfg.optim)
         tau = ema_tau(self.step, cfg.model.ema)
-        skipped = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        if count == 0 and not skipped:  # every batch of the step was lost to skipped bad shards
-            skipped = True
+        nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
+        skipped = nonfinite or count == 0  # count 0: every batch of the step was lost to skipped bad shards
+        if skipped:
             self.optimizer.zero_grad(set_to_none=True)
-        elif skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-            if cfg.guard.nonfinite == "stop":
+            if nonfinite and cfg.guard.nonfinite == "stop":
                 raise TrainingStopped(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
                                       f"{self.step + 1}; the last good checkpoint is "
                                       f"{checkpoint.resolve(cfg.checkpoint_url) or 'none (none was saved)'}")
