@@ -153,6 +153,8 @@ def main() -> None:
     parser.add_argument("--probe-max-tokens", type=int, default=320_000)
     parser.add_argument("--probe-jobs", type=int, default=2, help="probes run side by side (1 thread each)")
     parser.add_argument("--random-seeds", type=int, default=2, help="random-init encoders probed (the floor)")
+    parser.add_argument("--v1-override", action="append", default=[],
+                        help="extra trainer override for v1 only (e.g. data.max_tokens=80000)")
     parser.add_argument("--v2-override", action="append", default=[],
                         help="extra trainer override for v2 only (e.g. model.data2vec2.clones=4)")
     parser.add_argument("--out", default="/tmp/bench_data2vec2.json")
@@ -169,7 +171,7 @@ def main() -> None:
         print(f"corpus: {dataset[TRAIN]['samples']} training utterances ({dataset[TRAIN]['seconds']:.0f} s), "
               f"{dataset[HELD_OUT]['samples']} held out ({dataset[HELD_OUT]['seconds']:.0f} s), "
               f"{args.words[0]}-{args.words[1]} words each", flush=True)
-        extra = {"v1": [], "v2": list(args.v2_override)}
+        extra = {"v1": list(args.v1_override), "v2": list(args.v2_override)}
 
         # 1. time per sample
         throughput = {}
