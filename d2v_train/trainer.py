@@ -36,6 +36,10 @@ from d2v_train.models.loss import std_from_stats
 from d2v_train.schedules import lr_scale
 
 SIGTERM_EXIT = 143
+# what a step adds up over its micro-batches and then over the ranks (one all-reduce): the loss sum
+# and its masked positions, samples, audio seconds (speech) or tokens (text), a SIGTERM flag, the
+# targets' effective ranks and how many, and the samples lost to skipped bad shards
+STEP_TOTALS = ("loss_sum", "masked", "samples", "units", "stop", "rank_sum", "ranks", "lost_samples")
 
 
 class TrainingStopped(RuntimeError):
@@ -225,36 +229,38 @@ class Trainer:
         epoch = self.loader.epoch
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.step)  # same draws on every rank, and on resume
         self.model.train()
-        # loss sum, masked positions, samples, audio s or tokens, SIGTERM, target rank sum, its count,
-        # samples of skipped bad shards
-        sums = torch.zeros(8, dtype=torch.float64)
+        totals = dict.fromkeys(STEP_TOTALS, 0.0)
         target_stats = pred_stats = torch.zeros(1 + 2 * cfg.model.encoder.dim, dtype=torch.float64)  # std_stats
         keys = []
         real = [batch for batch in batches if batch["keys"]]
         self._last_batch = real[-1] if real else self._last_batch
         for batch in batches:
-            sums[7] += batch.get("skipped", 0)
+            totals["lost_samples"] += batch.get("skipped", 0)
             if not batch["keys"]:
                 self._stand_in_for_empty(batch, real)
                 continue
             out = self.model(batch, self.teacher)
             out.loss_sum.backward()
-            sums[:2] += torch.stack([out.loss_sum.detach(), out.count.detach()]).double().cpu()
+            totals["loss_sum"] += float(out.loss_sum.detach())
+            totals["masked"] += float(out.count)
             target_stats = out.target_stats.detach().cpu() + target_stats
             pred_stats = out.pred_stats.detach().cpu() + pred_stats
             if math.isfinite(rank := float(out.target_rank)):
-                sums[5:7] += torch.tensor([rank, 1.0], dtype=torch.float64)
+                totals["rank_sum"] += rank
+                totals["ranks"] += 1
             keys += batch["keys"]
             if "source" in batch:  # speech: audio seconds
-                sums[3] += batch["source"].numel() / self.loader.frame_grid.sample_rate
+                totals["units"] += batch["source"].numel() / self.loader.frame_grid.sample_rate
             elif "tokens" in batch:  # text: tokens that are not padding
-                sums[3] += float((~batch["padding_mask"]).sum())
-        sums[2], sums[4] = len(keys), float(self._stop_signal)
-        reduced = all_reduce_sum(torch.cat([sums, target_stats, pred_stats]))
-        sums, (target_stats, pred_stats) = reduced[:8], reduced[8:].chunk(2)
-        loss_sum, count, samples, audio, stop, rank_sum, ranks, bad_samples = sums.tolist()
-        target_rank = rank_sum / ranks if ranks else float("nan")
-        loss = loss_sum / max(count, 1.0)
+                totals["units"] += float((~batch["padding_mask"]).sum())
+        totals["samples"], totals["stop"] = len(keys), float(self._stop_signal)
+        reduced = all_reduce_sum(torch.cat([torch.tensor(list(totals.values()), dtype=torch.float64),
+                                            target_stats, pred_stats]))
+        totals = dict(zip(STEP_TOTALS, reduced[:len(STEP_TOTALS)].tolist()))
+        target_stats, pred_stats = reduced[len(STEP_TOTALS):].chunk(2)
+        count = totals["masked"]
+        target_rank = totals["rank_sum"] / totals["ranks"] if totals["ranks"] else float("nan")
+        loss = totals["loss_sum"] / max(count, 1.0)
         params = [p for p in self.model.parameters() if p.grad is not None]
         for param in params:
             param.grad.div_(max(count, 1.0))  # the global mean over masked positions
@@ -297,8 +303,9 @@ class Trainer:
                                   f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
         return {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
                 "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count), "skipped": skipped,
-                "skipped_samples": int(bad_samples), "epoch": epoch,
-                "memory_mb": _memory_mb(world.device), "_samples": samples, "_audio_s": audio, "_stop": stop > 0}
+                "skipped_samples": int(totals["lost_samples"]), "epoch": epoch,
+                "memory_mb": _memory_mb(world.device), "_samples": totals["samples"], "_audio_s": totals["units"],
+                "_stop": totals["stop"] > 0}
 
     def _stand_in_for_empty(self, batch: dict, real: list[dict]) -> None:
         """A batch whose samples all came from skipped bad shards: this rank still runs a forward and
