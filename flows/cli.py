@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ConnectionError, KeyError) as exc:
+    except (ValueError, OSError, ConnectionError) as exc:
         # Errors a user can cause (bad input, unreachable storage, wrong config): one clear line.
         print(f"error: {exc}", file=sys.stderr)
         return 2
