@@ -1,5 +1,5 @@
 # The two set-up commands of the README: `make demo` and `make test`.
-.PHONY: venv demo test services bench
+.PHONY: venv demo test services bench lint
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -15,3 +15,7 @@ test: venv services
 
 bench: venv
 	.venv/bin/python benchmarks/run_all.py
+
+lint: venv
+	@.venv/bin/python -m ruff --version >/dev/null 2>&1 || .venv/bin/pip install -q ruff
+	.venv/bin/python -m ruff check .

@@ -8,8 +8,8 @@ import json
 import platform
 
 import numpy as np
-
 from timing import best_seconds
+
 from pipelines.masking import (
     compute_block_masks,
     compute_inverse_block_masks,

@@ -11,8 +11,8 @@ import json
 import platform
 
 import torch
-
 from timing import best_seconds
+
 from d2v_train.models import Data2Vec, ModelConfig, build_encoder
 from d2v_train.models.hf import from_hf, hf_audio_config
 from d2v_train.models.speech import conv_output_lengths

@@ -34,7 +34,7 @@ class DataConfig(_Strict):
     skip_bad_shards: bool = False
 
     @model_validator(mode="after")
-    def _one_size(self) -> "DataConfig":
+    def _one_size(self) -> DataConfig:
         if (self.max_tokens is None) == (self.batch_size is None):
             raise ValueError("data: give exactly one of max_tokens (speech) and batch_size")
         return self

@@ -30,7 +30,7 @@ class ShardSize:
     max_samples: int | None = None
 
     @classmethod
-    def parse(cls, text: str | int) -> "ShardSize":
+    def parse(cls, text: str | int) -> ShardSize:
         match = _SIZE.match(str(text))
         if not match:
             raise ValueError(f"--shard-size {text!r}: expected a sample count (1000) or a size (256MB, 1GiB)")

@@ -50,7 +50,7 @@ class Location:
             fs.retries = 1
         return fs, root.rstrip("/") if root not in ("/", "") else root
 
-    def child(self, *parts: str) -> "Location":
+    def child(self, *parts: str) -> Location:
         return Location(self.url.rstrip("/") + "/" + "/".join(parts), self.storage_options)
 
     def public_url(self) -> str:

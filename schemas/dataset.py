@@ -21,7 +21,7 @@ class FrameGrid(_Strict):
     strides: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
 
     @model_validator(mode="after")
-    def _same_depth(self) -> "FrameGrid":
+    def _same_depth(self) -> FrameGrid:
         if len(self.kernels) != len(self.strides) or not self.kernels:
             raise ValueError("frame_grid.kernels and frame_grid.strides must be non-empty and of equal length")
         return self
@@ -107,7 +107,7 @@ class Dataset(_Strict):
     shards: list[ShardInfo]
 
     @model_validator(mode="after")
-    def _counts_add_up(self) -> "Dataset":
+    def _counts_add_up(self) -> Dataset:
         if self.source_items != self.samples + self.rejected:
             raise ValueError(
                 f"source_items ({self.source_items}) != samples ({self.samples}) + rejected ({self.rejected})"
@@ -131,5 +131,5 @@ class Dataset(_Strict):
         return self.model_dump_json(indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "Dataset":
+    def from_json(cls, text: str | bytes) -> Dataset:
         return cls.model_validate_json(text)

@@ -4,7 +4,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.s3server import S3Server, chosen_kind, s3_server as _start_s3_server
+from tests.s3server import S3Server, chosen_kind
+from tests.s3server import s3_server as _start_s3_server
 
 
 def pytest_report_header(config):

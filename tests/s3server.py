@@ -350,7 +350,7 @@ def s3_server(key: str = DEFAULT_KEY, secret: str = DEFAULT_SECRET,
             except (StartError, OSError) as e:
                 errors.append(f"{kind} start attempt {attempt} failed: {e}\n{daemons.log_tail()}")
                 if attempt < attempts:
-                    warnings.warn(f"{kind} start failed ({e}); retrying from scratch")
+                    warnings.warn(f"{kind} start failed ({e}); retrying from scratch", stacklevel=2)
                 continue
             yield S3Server(url, key, secret, kind)
             return

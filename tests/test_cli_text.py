@@ -1,7 +1,6 @@
 """`d2v data build text FILE... OUT` as a user runs it: train a tokenizer, then reuse it."""
 from __future__ import annotations
 
-
 from pipelines import synthetic
 from tests.helpers import inspect_json, read_dataset_json, run_d2v
 

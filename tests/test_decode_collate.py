@@ -9,8 +9,15 @@ from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from d2v_train.data.collate import collate_images, collate_speech, collate_text
-from d2v_train.data.decode import (IMAGENET_MEAN, IMAGENET_STD, decode_image, decode_speech, decode_tokens,
-                                   load_npy, random_resized_crop)
+from d2v_train.data.decode import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    decode_image,
+    decode_speech,
+    decode_tokens,
+    load_npy,
+    random_resized_crop,
+)
 from schemas.dataset import FrameGrid
 
 GRID = FrameGrid()

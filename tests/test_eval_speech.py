@@ -2,12 +2,10 @@
 once each, and checkpoints load from a local folder and from S3, in one process and under torchrun."""
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 from d2v_train.data.loader import StreamingLoader

@@ -332,8 +332,7 @@ def test_killed_and_terminated_runs_resume_bit_identically(dataset, two_ranks, p
 def _resume_dump_and_train(out: str, argv: list[str]) -> int:
     """`python -m tests.test_trainer OUT --config FILE key=value...`: resume as main.py does, save
     the loaded state in full (rank 0), then train on."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
 
     from d2v_train.config import load_train_config
     from d2v_train.distributed import close_world

@@ -54,7 +54,7 @@ def test_activation_checkpointing_recomputes_and_trains_alike(dataset, group, tm
                            "train.grad_accum=2")
         calls = []
         for block in trainer.model.student.transformer.blocks:
-            block.attn.register_forward_hook(lambda *_: calls.append(1))
+            block.attn.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         runs[ac] = _losses(trainer, steps), len(calls)
     (eager, eager_calls), (ac, ac_calls) = runs[False], runs[True]
     # 2 blocks x 2 micro-batches x steps forwards; checkpointing runs each again in backward

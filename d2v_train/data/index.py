@@ -39,7 +39,7 @@ class SplitIndex:
         return self.columns["length"]
 
     @classmethod
-    def load(cls, location: Location, split: str, *, threads: int = 16) -> "SplitIndex":
+    def load(cls, location: Location, split: str, *, threads: int = 16) -> SplitIndex:
         dataset, fs, root = read_dataset(location)
         shards = dataset.shards_of(split)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:

@@ -19,8 +19,9 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Callable, Mapping, NamedTuple
+from typing import NamedTuple
 
 from pipelines.storage import Location, is_local, join
 
@@ -44,7 +45,7 @@ class SampleRequest:
     mask_bytes: int
 
     @classmethod
-    def from_row(cls, shard: int, row: Mapping) -> "SampleRequest":
+    def from_row(cls, shard: int, row: Mapping) -> SampleRequest:
         """From a shard index row (schemas.arrow.index_schema)."""
         spans = (int(row[f"{member}_{part}"]) for member in ("sample", "data", "json", "mask")
                  for part in ("offset", "bytes"))
@@ -184,7 +185,7 @@ class ShardReader:
         self.__dict__.update(state)
         self._reset_runtime()
 
-    def __enter__(self) -> "ShardReader":
+    def __enter__(self) -> ShardReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -422,8 +423,9 @@ def _transient(exc: BaseException) -> bool:
         # s3fs maps client mistakes (an unsatisfiable range, a malformed request) to EINVAL.
         return exc.errno != errno.EINVAL
     try:
+        from botocore.exceptions import ClientError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
         from s3fs.core import S3_RETRYABLE_ERRORS
-        from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
     except ImportError:
         return False
     if isinstance(exc, S3_RETRYABLE_ERRORS + (BotoConnectionError,)):

@@ -33,7 +33,7 @@ class ErrorCounts:
     def __init__(self, word_edits: int = 0, words: int = 0, char_edits: int = 0, chars: int = 0):
         self.word_edits, self.words, self.char_edits, self.chars = word_edits, words, char_edits, chars
 
-    def add(self, other: "ErrorCounts") -> None:
+    def add(self, other: ErrorCounts) -> None:
         self.word_edits += other.word_edits
         self.words += other.words
         self.char_edits += other.char_edits

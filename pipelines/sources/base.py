@@ -48,7 +48,7 @@ class ScanResult:
     rejects: list[Reject]
     # The source with what scanning learned (ImageNet's classes, a trained tokenizer): the build
     # uses it from here on. None when scanning learned nothing.
-    source: "Source | None" = None
+    source: Source | None = None
 
 
 class Source(ABC):

@@ -72,7 +72,7 @@ class TextSource(Source):
     @classmethod
     def create(cls, files: tuple[Location, ...], *, vocab_size: int | None = None,
                tokenizer_dir: str | Location | None = None, block_size: int = 512, valid_fraction: float = 0.01,
-               mask_prob: float = 0.15, mask_span: int = 1, seed: int = 0) -> "TextSource":
+               mask_prob: float = 0.15, mask_span: int = 1, seed: int = 0) -> TextSource:
         """Check the options, find the inputs' common folder and load a given tokenizer."""
         if (vocab_size is None) == (tokenizer_dir is None):
             raise ValueError("text: give either --vocab-size (train a tokenizer) or --tokenizer (a folder), "
@@ -198,7 +198,7 @@ def assign_splits(doc_ids: list[str], valid_fraction: float, seed: int) -> dict[
     """doc_id -> "train" | "valid" (the rule is in the module docstring)."""
     draws = {}
     for doc_id in doc_ids:
-        digest = hashlib.sha256(f"{seed}\0{doc_id}".encode("utf-8")).digest()
+        digest = hashlib.sha256(f"{seed}\0{doc_id}".encode()).digest()
         draws[doc_id] = int.from_bytes(digest[:8], "big") / 2**64
     valid = {d for d, u in draws.items() if u < valid_fraction}
     if valid_fraction > 0 and len(draws) >= 2 and not valid:
