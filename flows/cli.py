@@ -43,7 +43,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not (args.command == "eval" and args.eval_task == "curve"):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")  # only the curve passes options on
     try:
         if args.command == "data" and args.data_command == "stream":
             from d2v_train.data import cli as stream_cli
@@ -56,7 +59,7 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
         if args.command == "eval":
             from d2v_train.eval.cli import run as run_eval
 
-            code = run_eval(args)
+            code = run_eval(args, extra)
             if exit_after_eval and args.eval_task != "report":
                 from d2v_train.teardown import exit_without_teardown
 

@@ -45,6 +45,9 @@ TINY_TRAIN_DATA = {
 }
 TINY_EVAL_ARGS = {"speech": ["--max-tokens", "200000"], "vision": ["--batch-size", "8"], "text": ["--batch-size", "4"]}
 DEFAULT_STEPS = {"tiny": 20, "base": 400_000, "large": 600_000}
+# Labelled-data budgets of the evaluation curve: speech durations (Libri-light style), images
+# ImageNet's 1% / 10% semi-supervised protocols, text example counts; "all" is the whole split.
+EVAL_BUDGETS = {"speech": ["10m", "all"], "vision": ["1%", "10%", "all"], "text": ["100", "all"]}
 
 
 class PretrainRequest(BaseModel):
@@ -59,7 +62,10 @@ class PretrainRequest(BaseModel):
     variant: Variant = "data2vec"  # data2vec2: the efficiency mode's presets ({modality}_v2_{preset})
     max_steps: PositiveInt | None = None  # default: the preset's
     nproc: PositiveInt = 1  # trainer processes (torchrun --nproc_per_node)
-    splits: list[str] | None = None  # corpus splits/subsets to build; the first is pre-trained on
+    splits: list[str] | None = None  # corpus splits/subsets to build
+    pretrain_split: str | None = None  # pre-trained on (default: the first of splits)
+    labelled_split: str | None = None  # fine-tuned on (default: the second of three or more splits, else the first)
+    eval_split: str | None = None  # scored (default: the last of splits)
     shard_size: str = "256MB"
     mask_variants: PositiveInt = 4
     seed: NonNegativeInt = 0
@@ -69,6 +75,9 @@ class PretrainRequest(BaseModel):
     dask_cluster_class: str | None = None  # or a cluster class to start, e.g. "dask_jobqueue.SLURMCluster"
     dask_cluster_kwargs: dict = {}  # its arguments, e.g. {"cores": 8, "memory": "32GB", "n_workers": 4}
     eval_steps: NonNegativeInt | None = None  # fine-tuning updates (default: the task's)
+    eval_budgets: list[str] | None = None  # labelled-data budgets of the curve (default: EVAL_BUDGETS)
+    eval_seeds: PositiveInt = 3  # fine-tuning seeds per budget and encoder: mean and spread
+    eval_jobs: PositiveInt | None = None  # fine-tunes side by side (default: 2 on a machine with 2+ CPUs)
     eval_data: str | None = None  # text: GLUE-format folder (no text evaluation without it)
     train_overrides: list[str] = []  # extra trainer settings, key.sub=value
     eval_args: list[str] = []  # extra `d2v eval TASK` options, e.g. ["--lr", "3e-3"]
@@ -95,6 +104,21 @@ class PretrainRequest(BaseModel):
             self.splits = SPLITS[self.modality]
         elif self.modality == "text":
             raise ValueError("splits: text corpora are split by document (train/valid), not chosen")
+        for field in ("pretrain_split", "labelled_split", "eval_split"):
+            value = getattr(self, field)
+            if value is not None and self.splits is not None and value not in self.splits:
+                raise ValueError(f"{field}: {value!r} is not among the splits built ({', '.join(self.splits)})")
+        if self.modality == "text" and (self.labelled_split or self.eval_split):
+            raise ValueError("labelled_split/eval_split: text is evaluated on eval_data's GLUE train/dev files")
+        if self.eval_budgets is not None and not self.eval_budgets:
+            raise ValueError("eval_budgets: give at least one budget (or leave it out for the defaults)")
+        from d2v_train.eval.curve_run import budget_options
+
+        for budget in self.budgets:
+            try:
+                budget_options(EVAL_TASK[self.modality], budget)
+            except ValueError as exc:
+                raise ValueError(f"eval_budgets: {exc}") from None
         return self
 
     def url(self, *parts: str) -> str:
@@ -111,11 +135,29 @@ class PretrainRequest(BaseModel):
 
     @property
     def train_split(self) -> str:
-        return self.splits[0] if self.splits else "train"
+        """The split pre-trained on."""
+        return self.pretrain_split or (self.splits[0] if self.splits else "train")
 
     @property
-    def eval_split(self) -> str:
-        return self.splits[1] if self.splits and len(self.splits) > 1 else "valid"
+    def finetune_split(self) -> str:
+        """The split the labelled budgets are drawn from."""
+        if self.labelled_split:
+            return self.labelled_split
+        return self.splits[1] if self.splits and len(self.splits) > 2 else self.splits[0] if self.splits else "train"
+
+    @property
+    def scored_split(self) -> str:
+        return self.eval_split or (self.splits[-1] if self.splits and len(self.splits) > 1 else "valid")
+
+    @property
+    def budgets(self) -> list[str]:
+        return list(self.eval_budgets) if self.eval_budgets else EVAL_BUDGETS[self.modality]
+
+    @property
+    def jobs(self) -> int:
+        import os
+
+        return self.eval_jobs or min(2, os.cpu_count() or 1)
 
     def trainer_overrides(self) -> list[str]:
         data = TINY_TRAIN_DATA if self.preset == "tiny" else TRAIN_DATA
@@ -313,16 +355,18 @@ def read_metrics(url: str) -> list[dict]:
 
 
 # -- evaluate and report ----------------------------------------------------------------------
-def eval_command(req: PretrainRequest, checkpoint: str, out: str) -> list[str]:
+def eval_command(req: PretrainRequest) -> list[str]:
+    """`d2v eval curve`: the pre-trained and a random encoder at every budget and seed."""
     data = req.eval_data if req.modality == "text" else req.url("dataset")
-    cmd = [python(), "-m", "flows.cli", "eval", EVAL_TASK[req.modality], "--checkpoint", checkpoint,
-           "--data", data, "--seed", str(req.seed), "--out", out]
+    cmd = [python(), "-m", "flows.cli", "eval", "curve", EVAL_TASK[req.modality],
+           "--checkpoint", req.url("run", "checkpoints"), "--checkpoint", "random", "--model", req.model,
+           "--budgets", ",".join(req.budgets), "--seeds", str(req.eval_seeds), "--jobs", str(req.jobs),
+           "--results", req.url("eval"), "--out", req.url("report"),
+           "--title", f"{req.variant} {req.modality} {req.preset}: {req.source}", "--data", data]
     if req.modality == "text":  # GLUE's splits; the tokenizer of the pre-training data for both encoders
         cmd += ["--train-split", "train", "--eval-split", "dev", "--tokenizer", req.url("dataset", "tokenizer")]
     else:
-        cmd += ["--train-split", req.train_split, "--eval-split", req.eval_split]
-    if checkpoint == "random":
-        cmd += ["--model", req.model]
+        cmd += ["--train-split", req.finetune_split, "--eval-split", req.scored_split]
     if req.eval_steps is not None:
         cmd += ["--steps", str(req.eval_steps)]
     if req.preset == "tiny":
@@ -331,43 +375,43 @@ def eval_command(req: PretrainRequest, checkpoint: str, out: str) -> list[str]:
 
 
 @task(name="evaluate")
-def evaluate(req: PretrainRequest) -> list[str]:
-    """Fine-tune/probe the pre-trained encoder and a random one alike; returns the result URLs."""
+def evaluate(req: PretrainRequest) -> str | None:
+    """The label-efficiency curve of the pre-trained encoder against a random one (`d2v eval curve`):
+    every result under eval/, the report under report/; returns report.md's URL."""
     logger = get_run_logger()
     if req.modality == "text" and not req.eval_data:
         logger.warning("text: no eval_data (a GLUE-format folder) given: skipping evaluation")
-        return []
-    results = []
-    for label, checkpoint in (("pretrained", req.url("run", "checkpoints")), ("random", "random")):
-        out = req.url("eval", f"{label}.json")
-        run_streamed(eval_command(req, checkpoint, out), what=f"d2v eval ({label})", on_line=logger.info)
-        results.append(out)
-    rows = []
-    for url in results:
-        with fsspec.open(url, "rt") as f:
-            result = json.load(f)
-        rows.append({"label": result.get("label"), "task": result.get("task"), **result.get("metrics", {})})
-    create_table_artifact(key=f"{req.modality}-eval-metrics", table=rows,
-                          description="Downstream metrics: pre-trained encoder vs. random initialisation")
-    return results
+        return None
+    run_streamed(eval_command(req), what="d2v eval curve", on_line=logger.info)
+    with fsspec.open(req.url("report", "curve.json"), "rt") as f:
+        summary = json.load(f)
+    rows = [{"encoder": p["label"], "budget": p["budget"], "labelled": round(p["amount"], 2),
+             summary["metric"]: round(p["mean"], 4), "spread": round(p["spread"], 4), "seeds": len(p["values"])}
+            for p in summary["points"]]
+    create_table_artifact(key=f"{req.modality}-label-efficiency", table=rows,
+                          description="; ".join(summary["gains"]) or "Downstream metric by labelled-data budget")
+    with fsspec.open(req.url("report", "results.json"), "rt") as f:
+        results = json.load(f)
+    create_table_artifact(key=f"{req.modality}-eval-metrics", table=[
+        {"label": r["label"], "task": r["task"], "budget": (r["data"].get("labelled") or {}).get("budget", "all"),
+         "seed": r["seed"], **r["metrics"]} for r in results],
+        description="Downstream metrics of every run: pre-trained encoder vs. random initialisation")
+    for gain in summary["gains"]:
+        logger.info(gain)
+    return req.url("report", "report.md")
 
 
 @task(name="report")
-def report(req: PretrainRequest, results: list[str]) -> str | None:
-    """`d2v eval report` over the results; the Markdown also becomes an artifact."""
-    logger = get_run_logger()
-    if not results:
-        logger.info("no evaluation results: no report")
+def report(req: PretrainRequest, report_url: str | None) -> str | None:
+    """The curve's report.md (the gain first) as a Markdown artifact."""
+    if report_url is None:
+        get_run_logger().info("no evaluation results: no report")
         return None
-    out = req.url("report")
-    run_streamed([python(), "-m", "flows.cli", "eval", "report", *results, "--out", out,
-                  "--title", f"{req.variant} {req.modality} {req.preset}: {req.source}"],
-                 what="d2v eval report", on_line=logger.info)
-    with fsspec.open(f"{out}/report.md", "rt") as f:
+    with fsspec.open(report_url, "rt") as f:
         markdown = f.read()
     create_markdown_artifact(key=f"{req.modality}-report", markdown=markdown,
-                             description=f"{out}/report.md (plots beside it)")
-    return f"{out}/report.md"
+                             description=f"{report_url} (curve.png and the runs' plots beside it)")
+    return report_url
 
 
 @flow(name="pretrain", description=__doc__.split("\n\n")[0])
@@ -378,19 +422,28 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
              dask_address: str | None = None, dask_cluster_class: str | None = None,
              dask_cluster_kwargs: dict | None = None, eval_steps: NonNegativeInt | None = None,
              eval_data: str | None = None, train_overrides: list[str] | None = None,
-             eval_args: list[str] | None = None) -> dict:
+             eval_args: list[str] | None = None, pretrain_split: str | None = None, labelled_split: str | None = None,
+             eval_split: str | None = None, eval_budgets: list[str] | None = None, eval_seeds: PositiveInt = 3,
+             eval_jobs: PositiveInt | None = None) -> dict:
     """Build shards, pre-train, evaluate against a random encoder, report; everything under `output`."""
     req = PretrainRequest(
         modality=modality, source=source, output=output, preset=preset, variant=variant, max_steps=max_steps, nproc=nproc,
         splits=splits, shard_size=shard_size, mask_variants=mask_variants, seed=seed, vocab_size=vocab_size,
         build_workers=build_workers, dask_address=dask_address, dask_cluster_class=dask_cluster_class,
         dask_cluster_kwargs=dask_cluster_kwargs or {}, eval_steps=eval_steps, eval_data=eval_data,
-        train_overrides=train_overrides or [], eval_args=eval_args or [],
+        train_overrides=train_overrides or [], eval_args=eval_args or [], pretrain_split=pretrain_split,
+        labelled_split=labelled_split, eval_split=eval_split, eval_budgets=eval_budgets, eval_seeds=eval_seeds,
+        eval_jobs=eval_jobs,
     )
     # A Dask cluster only when there is something to build (a finished build is skipped in a blink).
     on_dask = req.build_workers != 0 and finished_build(req) is None
     dataset = (build_shards.with_options(task_runner=dask_runner(req)) if on_dask else build_shards)(req)
     training = train(req)
-    results = evaluate(req)
-    report_url = report(req, results)
-    return {"dataset": dataset, "training": training, "results": results, "report": report_url}
+    report_url = report(req, evaluate(req))
+    return {"dataset": dataset, "training": training, "report": report_url,
+            "gains": _gains(req) if report_url else []}
+
+
+def _gains(req: PretrainRequest) -> list[str]:
+    with fsspec.open(req.url("report", "curve.json"), "rt") as f:
+        return json.load(f)["gains"]

@@ -317,6 +317,56 @@ def _class_image(rng: np.random.Generator, width: int, height: int, label: int, 
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
+def _shape_image(rng: np.random.Generator, width: int, height: int, label: int, classes: int) -> Image.Image:
+    """A picture whose class is the shape of its object alone (ellipse, box, triangle, cross, ring,
+    bar...: `label % 6`, twice as many in pairs from 7 classes up): colours of background and object,
+    the object's size, place and rotation and a distractor blob are drawn at random, so colour and
+    brightness statistics say nothing of the class. Its parts predict each other (an edge's course
+    continues behind a mask), which is what masked prediction can learn from unlabelled pictures."""
+    y, x = np.mgrid[0:height, 0:width]
+    angle = rng.uniform(0, 2 * np.pi)
+    ramp = (np.cos(angle) * x / width + np.sin(angle) * y / height) / 2.0
+    back = rng.uniform(30, 225, 3)
+    base = back * (1.0 + 0.3 * ramp[..., None])
+    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(img)
+    # the distractor first, so the object may cover it
+    bx, by = rng.uniform(0, width), rng.uniform(0, height)
+    br = min(width, height) * rng.uniform(0.06, 0.14)
+    draw.ellipse((bx - br, by - br, bx + br, by + br), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
+    ink = rng.uniform(0, 255, 3)
+    while np.abs(ink - back).sum() < 150:  # the object always stands out from its background
+        ink = rng.uniform(0, 255, 3)
+    fill = tuple(int(v) for v in ink)
+    cx, cy = width * rng.uniform(0.35, 0.65), height * rng.uniform(0.35, 0.65)
+    r = min(width, height) * rng.uniform(0.22, 0.36)
+    turn = rng.uniform(-0.3, 0.3)
+
+    def rotated(points):
+        c, s_ = np.cos(turn), np.sin(turn)
+        return [(cx + c * px - s_ * py, cy + s_ * px + c * py) for px, py in points]
+
+    kind = label % 6
+    if kind == 0:
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
+    elif kind == 1:
+        draw.polygon(rotated([(-r, -r), (r, -r), (r, r), (-r, r)]), fill=fill)
+    elif kind == 2:
+        draw.polygon(rotated([(0, -r), (-r, r), (r, r)]), fill=fill)
+    elif kind == 3:
+        t = r / 3
+        draw.polygon(rotated([(-r, -t), (r, -t), (r, t), (-r, t)]), fill=fill)
+        draw.polygon(rotated([(-t, -r), (t, -r), (t, r), (-t, r)]), fill=fill)
+    elif kind == 4:
+        w_ = max(2, int(r / 3))
+        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=w_)
+    else:
+        draw.polygon(rotated([(-r, -r / 4), (r, -r / 4), (r, r / 4), (-r, r / 4)]), fill=fill)
+        draw.polygon(rotated([(-r, r / 2), (r, r / 2), (r, 3 * r / 4), (-r, 3 * r / 4)]), fill=fill)
+    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, 8, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
 def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     if fmt == "JPEG":
@@ -345,12 +395,14 @@ def make_imagenet(
     seed: int = 0,
     size_range: tuple[int, int] = (40, 96),
     faults: bool = False,
-    learnable: bool = False,
+    learnable: bool | str = False,
 ) -> CorpusSpec:
     """Write an ImageNet-style tree: Kaggle `ilsvrc` layout or torchvision `imagefolder`.
 
     `learnable`: each picture shows its class (a hue and a shape of its own, jittered), so a
-    linear probe on a small encoder can beat chance; otherwise pictures are unrelated to labels.
+    linear probe on a small encoder can beat chance; `learnable="shape"`: the class is the shape
+    alone, in random colours and places (random features do not separate the classes well);
+    otherwise pictures are unrelated to labels.
 
     `ilsvrc`: `ILSVRC/Data/CLS-LOC/train/WNID/WNID_N.JPEG`, flat
     `ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_NNNNNNNN.JPEG` labelled by
@@ -382,6 +434,8 @@ def make_imagenet(
     def picture(key: str, minimum: int = 0, wnid: str | None = None) -> Image.Image:
         irng = _rng(seed, key)
         w, h = (max(int(v), minimum) for v in irng.integers(lo, hi + 1, 2))
+        if learnable == "shape" and wnid in ordered:
+            return _shape_image(irng, w, h, ordered.index(wnid), classes)
         if learnable and wnid in ordered:
             return _class_image(irng, w, h, ordered.index(wnid), classes)
         return _image(irng, w, h)

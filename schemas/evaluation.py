@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EVAL_SCHEMA_VERSION = 1
+EVAL_SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 2 added the labelled-data budget (DataRef.labelled)
 TASKS = ("speech-ctc", "image-probe", "image-finetune", "text-cls")
 
 
@@ -20,6 +21,20 @@ class CheckpointRef(BaseModel):
     parameters: int  # encoder parameters
 
 
+class LabelledSubset(BaseModel):
+    """The labelled-data budget a fine-tune used: what was asked for and what it amounted to."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget: str  # as asked: "10m", "48" (samples), "4/class", "0.1" (of each class), "all"
+    samples: int  # labelled samples drawn from the train split
+    seconds: float | None = None  # speech: their audio
+    speakers: int | None = None  # speech: speakers among them
+    classes: int | None = None  # images and text: classes (labels) among them
+    seed: int = 0  # the subset's seed (the same subset for every checkpoint and world size)
+    keys_sha256: str | None = None  # of the sorted sample keys drawn: equal fingerprints, equal subsets
+
+
 class DataRef(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -28,6 +43,7 @@ class DataRef(BaseModel):
     eval_split: str
     train_samples: int  # distinct samples the fine-tune could draw from
     eval_samples: int  # samples scored (each exactly once)
+    labelled: LabelledSubset | None = None  # the budget drawn from train_split (None: the whole split)
 
 
 class CurvePoint(BaseModel):

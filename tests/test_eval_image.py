@@ -43,7 +43,7 @@ def data(tmp_path_factory) -> str:
 
 def _task_args(task: str, data: str, *extra: str, eval_split: str = "val") -> list[str]:
     return ["eval", task, "--data", data, "--train-split", "train", "--eval-split", eval_split, "--batch-size", BATCH,
-            "--workers", "1", "--log-every", "1000", *extra]
+            "--workers", "1", "--log-every", "1000", "--json", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +95,27 @@ def test_finetune_trains_the_classifier_and_scores_the_eval_split(data, capsys, 
     assert code == 0, err
     untrained = EvalResult.model_validate_json(out)
     assert untrained.curve == [] and untrained.data.eval_samples == CLASSES * VAL_PER_CLASS
+
+
+def test_a_labels_per_class_budget_fine_tunes_on_that_many_of_each_class(data, capsys, one_torch_thread):
+    code, out, err = _in_process(capsys, *_task_args("image-finetune", data, "--checkpoint", "random",
+                                                     "--model", "vision_tiny", "--steps", "3",
+                                                     "--labels-per-class", "1"))
+    assert code == 0, err
+    result = EvalResult.model_validate_json(out)
+    labelled = result.data.labelled
+    assert (labelled.budget, labelled.samples, labelled.classes) == ("1/class", CLASSES, CLASSES)
+    assert result.data.train_samples == CLASSES  # batches shrink to the few labels there are
+    assert "batches of" in err and len(result.curve) == 3
+    code, out, err = _in_process(capsys, *_task_args("image-probe", data, "--checkpoint", "random",
+                                                     "--model", "vision_tiny", "--steps", "3",
+                                                     "--label-fraction", "0.5", "--subset-seed", "4"))
+    assert code == 0, err
+    probe = EvalResult.model_validate_json(out).data.labelled
+    assert probe.samples < CLASSES * TRAIN_PER_CLASS and probe.classes == CLASSES and probe.seed == 4
+    code, _, err = _in_process(capsys, *_task_args("image-probe", data, "--checkpoint", "random", "--model",
+                                                   "vision_tiny", "--label-fraction", "2"))
+    assert code == 2 and "--label-fraction 2.0" in err
 
 
 def test_mistakes_are_one_clear_line(data, capsys, one_torch_thread):

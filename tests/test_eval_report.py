@@ -180,3 +180,45 @@ def test_a_broken_or_missing_result_file_is_a_usage_error_naming_it(result_files
     for bad, problem in ((tmp_path / "missing.json", "no such result file"), (garbage, "not an evaluation result")):
         with pytest.raises(ValueError, match=re.escape(f"{bad}: {problem}")):
             load_results([result_files[0], str(bad)])
+
+
+def _budgeted(label: str, budget: str, seconds: float, seed: int, cer: float) -> EvalResult:
+    from schemas.evaluation import LabelledSubset
+
+    result = _speech(label, "random" if label == "random" else "runs/ls/checkpoints/step-00001000",
+                     None if label == "random" else 1000, wer=1.0, cer=cer)
+    result.seed = seed
+    result.data.labelled = LabelledSubset(budget=budget, samples=int(seconds // 3), seconds=seconds, speakers=4)
+    return result
+
+
+def test_the_curve_states_the_gain_per_budget_with_mean_and_spread_over_seeds():
+    from d2v_train.eval import curve
+
+    results = [_budgeted("random", "1m", 60, s, v) for s, v in enumerate((0.80, 0.84))]
+    results += [_budgeted("step 1000", "1m", 60, s, v) for s, v in enumerate((0.40, 0.44))]
+    results += [_budgeted("random", "all", 600, s, v) for s, v in enumerate((0.50, 0.60))]
+    results += [_budgeted("step 1000", "all", 600, s, v) for s, v in enumerate((0.52, 0.56))]
+    points = curve.points(results, "cer")
+    first = next(p for p in points if p.label == "step 1000" and p.budget == "1m")
+    assert first.mean == pytest.approx(0.42) and first.spread == pytest.approx(0.0283, abs=1e-4)
+    assert first.amount == 1.0  # minutes of labelled audio
+    assert curve.budgets_in_order(points) == ["1m", "all"]
+    small, large = curve.gain_sentences(points, "cer", "dev")
+    assert small == ("pre-training (step 1000) cuts dev CER from 82.00% to 42.00% with 1.0 min of labels, 0.51x; "
+                     "mean of 2 seeds")
+    assert large.startswith("pre-training (step 1000) cuts dev CER from 55.00% to 54.00% with all of labels")
+    assert large.endswith("(inside the seeds spread: not a clear difference)")
+    page = curve.render_markdown(results, "cer", "Curve", "curve.png")
+    assert page.splitlines()[2] == f"**{small[0].upper()}{small[1:]}.**"
+    assert "| step 1000 | 42.00% ± 2.83% (n=2) | 54.00% ± 2.83% (n=2) |" in page
+    assert curve.plot_curve(results, "cer")[:8] == PNG_SIGNATURE
+
+
+def test_one_line_summary_of_a_result():
+    from d2v_train.eval.report import one_line
+
+    line = one_line(_budgeted("step 1000", "10m", 598.5, 2, 0.25))
+    assert line == ("speech-ctc step 1000: WER 100.00%, CER 25.00% (trivial baseline WER 100.00%) on dev (50 scored) | "
+                    "budget 10m: 199 labelled samples of train, 10.0 min, 4 speakers | 200 updates, seed 2, 1m 13s")
+    assert "\n" not in one_line(_image_probe()) and "5,000 labelled samples of train (all)" in one_line(_image_probe())

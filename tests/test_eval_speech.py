@@ -2,6 +2,7 @@
 once each, and checkpoints load from a local folder and from S3, in one process and under torchrun."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def test_ctc_fine_tuning_brings_cer_well_below_the_all_blank_baseline(spoken, tm
     result = _result(run_d2v(
         "eval", "speech-ctc", "--checkpoint", "random", "--model", "speech_tiny", "--data", str(spoken), *SPLITS,
         "--steps", "800", "--lr", "3e-3", "--max-tokens", "200000", "--mask-prob", "0.2", "--mask-channel-prob", "0",
-        "--freeze-transformer-steps", "0", "--log-every", "200", "--out", str(out), env=ONE_THREAD).stdout)
+        "--freeze-transformer-steps", "0", "--log-every", "200", "--out", str(out), "--json", env=ONE_THREAD).stdout)
     assert result.task == "speech-ctc" and result.label == "random" and result.checkpoint.url == "random"
     assert result.baseline == {"wer": 1.0, "cer": 1.0}  # an empty transcript deletes every reference letter
     assert result.metrics["cer"] <= 0.8, result.metrics
@@ -88,7 +89,8 @@ def test_checkpoints_from_a_folder_and_from_s3_in_one_process_and_under_torchrun
                                                                                   s3_bucket):
     s3 = s3_server.filesystem()
     s3.put(str(pretrained / "step-00000002"), f"{s3_bucket}/run/checkpoints/step-00000002", recursive=True)
-    common = ["--data", str(spoken), *SPLITS, "--steps", "0", "--eval-max-tokens", "40000", "--seed", "5"]
+    common = ["--data", str(spoken), *SPLITS, "--steps", "0", "--eval-max-tokens", "40000", "--seed", "5", "--json",
+              "--labelled", "40s"]
     local = _result(run_d2v("eval", "speech-ctc", "--checkpoint", str(pretrained), *common, env=ONE_THREAD).stdout)
     torchrun = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "d2v_train/eval/main.py",
@@ -105,6 +107,9 @@ def test_checkpoints_from_a_folder_and_from_s3_in_one_process_and_under_torchrun
     assert local.hyperparameters["chars"] == remote.hyperparameters["chars"] > 0
     assert remote.metrics == pytest.approx(local.metrics)  # same weights, same seeded classifier
     assert local.curve == [] and local.steps == 0
+    # the labelled subset is drawn from the whole split's metadata on every rank alike
+    assert remote.data.labelled == local.data.labelled and local.data.labelled.seconds <= 40
+    assert local.data.labelled.speakers == 2 and local.data.labelled.keys_sha256
 
 
 def test_wrong_inputs_are_one_clear_line(spoken):
@@ -118,3 +123,57 @@ def test_wrong_inputs_are_one_clear_line(spoken):
                      check=False, env=ONE_THREAD)
     assert result.returncode == 2 and "no complete checkpoint" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_labelled_budget_restricts_the_loader_to_its_utterances(spoken):
+    from d2v_train.data.plan import BatchPolicy
+    from d2v_train.eval.speech_ctc import labelled_subset
+
+    loader = StreamingLoader(str(spoken), "train-clean-100",
+                             BatchPolicy(max_tokens=200_000, shuffle=True, crop=False), workers=1)
+    subset = labelled_subset(loader.index, "12", seed=0)
+    chosen = set(loader.index.columns["key"][subset.rows].tolist())
+    assert len(chosen) == 12 and all(loader.index.columns["transcript"][subset.rows])
+    loader.restrict(subset.rows)
+    served = [key for _ in range(2) for batch in loader for key in batch["keys"]]  # two epochs
+    loader.close()
+    assert sorted(served) == sorted(list(chosen) * 2)
+    full = StreamingLoader(str(spoken), "train-clean-100", eval_policy(40_000), workers=1)
+    everything = labelled_subset(full.index, "all", 0)
+    full.close()
+    assert everything.samples == 60  # every transcribed utterance; the untranscribed one is left out
+
+
+@pytest.mark.slow
+def test_the_curve_runs_every_checkpoint_budget_and_seed_and_reports_the_gain(spoken, pretrained, tmp_path):
+    out = tmp_path / "curve"
+    common = ["--data", str(spoken), *SPLITS, "--steps", "4", "--eval-max-tokens", "40000", "--log-every", "100"]
+    done = run_d2v("eval", "curve", "speech-ctc", "--checkpoint", str(pretrained), "--checkpoint", "random",
+                   "--model", "speech_tiny", "--budgets", "30s,all", "--seeds", "2", "--jobs", "2",
+                   "--out", str(out), *common, env=ONE_THREAD)
+    assert done.stdout.strip() == f"wrote {out}/report.md"
+    results = sorted((out / "results").glob("*.json"))
+    assert [p.name for p in results] == sorted(f"{name}-{budget}-seed{seed}.json" for name in ("pretrained", "random")
+                                               for budget in ("30s", "all") for seed in (0, 1))
+    parsed = [EvalResult.model_validate_json(p.read_text()) for p in results]
+    subsets = {(r.data.labelled.budget, r.data.labelled.keys_sha256) for r in parsed}
+    assert len(subsets) == 2  # one subset per budget, whatever the checkpoint and seed
+    assert {r.seed for r in parsed} == {0, 1} and all(r.steps == 4 for r in parsed)
+    summary = json.loads((out / "curve.json").read_text())
+    assert summary["metric"] == "cer" and len(summary["points"]) == 4
+    for point in summary["points"]:
+        mine = [r.metrics["cer"] for r in parsed if r.label == point["label"] and r.data.labelled.budget == point["budget"]]
+        assert sorted(point["values"]) == sorted(mine) and point["mean"] == pytest.approx(sum(mine) / 2)
+    page = (out / "report.md").read_text()
+    first = page.splitlines()[2]
+    assert first.startswith("**Pre-training (step 2)") and "dev-clean CER" in first and "mean of 2 seeds" in first
+    assert (out / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    # a plain evaluation prints one summary line; the whole result goes to --out
+    single = run_d2v("eval", "speech-ctc", "--checkpoint", "random", "--model", "speech_tiny", *common,
+                     "--labelled", "30s", "--out", str(tmp_path / "one.json"), env=ONE_THREAD)
+    (line,) = single.stdout.strip().splitlines()
+    assert line.startswith("speech-ctc random: WER ") and "budget 30s" in line and "{" not in line
+    assert EvalResult.model_validate_json((tmp_path / "one.json").read_text()).curve[-1].step == 4
+    refused = run_d2v("eval", "curve", "speech-ctc", "--checkpoint", "random", "--model", "speech_tiny",
+                      "--budgets", "30s,lots", "--out", str(out), *common, check=False, env=ONE_THREAD)
+    assert refused.returncode == 2 and "--budgets 'lots'" in refused.stderr

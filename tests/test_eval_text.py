@@ -177,7 +177,7 @@ def _result(completed: subprocess.CompletedProcess) -> EvalResult:
 
 
 def _split(args: list[str], data: str) -> list[str]:
-    return [*args, "--data", data, "--train-split", "train", "--eval-split", "dev"]
+    return [*args, "--data", data, "--train-split", "train", "--eval-split", "dev", "--json"]
 
 
 def test_fine_tuning_a_checkpoint_beats_the_majority_baseline(pretrained, tmp_path):
@@ -205,8 +205,8 @@ def test_random_init_needs_a_tokenizer_and_torchrun_scores_each_example_once(pre
     assert refused.returncode == 2 and "--tokenizer" in refused.stderr and "Traceback" not in refused.stderr
 
     # same seed, same encoder and head on every rank: without fine-tuning only the sharding can differ
-    args = _split([*random, "--tokenizer", str(root / "data" / "tokenizer"), "--steps", "0", "--seed", "1"],
-                  mrpc.source)
+    args = _split([*random, "--tokenizer", str(root / "data" / "tokenizer"), "--steps", "0", "--seed", "1",
+                   "--train-limit", "21"], mrpc.source)
     alone = _result(run_d2v("eval", "text-cls", *args, env=ENV))
     torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                                "d2v_train/eval/main.py", "text-cls", *args],
@@ -218,6 +218,9 @@ def test_random_init_needs_a_tokenizer_and_torchrun_scores_each_example_once(pre
     assert alone.data.eval_samples == both.data.eval_samples == mrpc.expected["splits"]["dev"] == 21
     assert both.metrics == alone.metrics and both.baseline == alone.baseline
     assert both.hyperparameters["headline"] == "f1" and both.steps == 0 and both.curve == []
+    # the labelled budget is drawn before the ranks split the examples: the same 21, balanced
+    assert both.data.labelled == alone.data.labelled and alone.data.labelled.samples == 21
+    assert alone.data.labelled.classes == 2 and alone.data.train_samples == 21
 
 
 def test_a_data2vec2_checkpoint_is_fine_tuned_like_v1(pretrained, tmp_path):

@@ -19,7 +19,8 @@ from tests.helpers import REPO
 
 pytestmark = [pytest.mark.slow, pytest.mark.prefect]
 
-TINY = {"max_steps": 4, "shard_size": "20", "mask_variants": 2, "build_workers": 0, "eval_steps": 5}
+TINY = {"max_steps": 4, "shard_size": "20", "mask_variants": 2, "build_workers": 0, "eval_steps": 5,
+        "eval_budgets": ["all"], "eval_seeds": 1}
 ON_DASK = {**TINY, "build_workers": 2}  # the build on a local Dask cluster through DaskTaskRunner
 QUIET = {"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
 
@@ -55,8 +56,9 @@ def _assert_outputs(out: Path, step: int) -> None:
     records = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines() if line]
     assert [r["step"] for r in records] == list(range(1, step + 1))
     for name in ("pretrained", "random"):
-        assert json.loads((out / "eval" / f"{name}.json").read_text())["task"] == "speech-ctc"
+        assert json.loads((out / "eval" / f"{name}-all-seed0.json").read_text())["task"] == "speech-ctc"
     assert "speech-ctc" in (out / "report" / "report.md").read_text()
+    assert (out / "report" / "curve.png").exists()
 
 
 def _logged_messages() -> list[str]:
@@ -81,6 +83,7 @@ def test_flow_builds_trains_evaluates_reports_then_skips_the_build_and_resumes(p
     _assert_outputs(out, 4)
     for key, kind in [("speech-shards", "table"), ("speech-rejects", "table"), ("speech-training-curve", "table"),
                       ("speech-eval-metrics", "table"), ("speech-report", "markdown"),
+                      ("speech-label-efficiency", "table"),
                       ("speech-pretrain-progress", "progress")]:
         artifact = Artifact.get(key)
         assert artifact is not None and artifact.type == kind, key
@@ -94,7 +97,7 @@ def test_flow_builds_trains_evaluates_reports_then_skips_the_build_and_resumes(p
     assert (out / "dataset" / "dataset.json").stat().st_mtime_ns == shards_json
     assert second["training"]["step"] == 6
     _assert_outputs(out, 6)
-    assert json.loads((out / "eval" / "pretrained.json").read_text())["checkpoint"]["step"] == 6
+    assert json.loads((out / "eval" / "pretrained-all-seed0.json").read_text())["checkpoint"]["step"] == 6
 
 
 @pytest.mark.parametrize("modality", ["vision", "text"])
@@ -116,7 +119,7 @@ def test_vision_and_text_runs_build_for_the_preset_and_evaluate(prefect_api, mod
     assert state.is_completed(), state.message
     assert state.result()["training"]["step"] == 3
     task = {"vision": "image-probe", "text": "text-cls"}[modality]
-    assert json.loads((out / "eval" / "pretrained.json").read_text())["task"] == task
+    assert json.loads((out / "eval" / "pretrained-all-seed0.json").read_text())["task"] == task
     assert task in (out / "report" / "report.md").read_text()
     trained = json.loads((out / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert trained["step"] == 3 and trained["masked"] > 0
@@ -176,6 +179,33 @@ def test_a_wrong_parameter_is_an_error_naming_it(prefect_api, corpus, tmp_path):
     state = pretrain(modality="speech", source=corpus, output=str(tmp_path / "out"),
                      **{**TINY, "preset": "large", "variant": "data2vec2"}, return_state=True)
     assert state.is_failed() and "no data2vec2 large preset for speech" in state.message
+    for wrong, named in (({"labelled_split": "train-other-500"}, "labelled_split"),
+                         ({"eval_budgets": ["10m", "lots"]}, "eval_budgets")):
+        state = pretrain(modality="speech", source=corpus, output=str(tmp_path / "out"), **{**TINY, **wrong},
+                         return_state=True)
+        assert state.is_failed() and named in state.message, state.message
+
+
+def test_the_split_roles_pre_train_fine_tune_and_score_default_from_the_splits_built():
+    from flows.pretrain import PretrainRequest
+
+    three = PretrainRequest(modality="speech", source="/c", output="/o",
+                            splits=["train-other-500", "train-clean-100", "dev-clean"])
+    assert (three.train_split, three.finetune_split, three.scored_split) == (
+        "train-other-500", "train-clean-100", "dev-clean")
+    assert three.budgets == ["10m", "all"] and three.eval_seeds == 3
+    two = PretrainRequest(modality="speech", source="/c", output="/o")
+    assert (two.train_split, two.finetune_split, two.scored_split) == ("train-clean-100", "train-clean-100",
+                                                                        "dev-clean")
+    chosen = PretrainRequest(modality="speech", source="/c", output="/o", splits=["a", "b", "c"],
+                             pretrain_split="b", labelled_split="a", eval_split="c", eval_budgets=["5m", "20m"])
+    assert (chosen.train_split, chosen.finetune_split, chosen.scored_split) == ("b", "a", "c")
+    assert "data.split=b" in chosen.trainer_overrides()
+    from flows.pretrain import eval_command
+
+    command = eval_command(chosen)
+    assert command[command.index("--budgets") + 1] == "5m,20m"
+    assert command[command.index("--train-split") + 1] == "a" and command[command.index("--eval-split") + 1] == "c"
 
 
 # -- a real server, the served deployments, the Prefect CLI ------------------------------------------

@@ -38,6 +38,15 @@ class SplitIndex:
         """Speech: samples of audio; text: tokens; vision: 1 (batches of images have a fixed size)."""
         return self.columns["length"]
 
+    def select(self, rows: np.ndarray) -> SplitIndex:
+        """The same split restricted to `rows` (positions, kept in their order): a labelled subset.
+        Shards keep their numbers; a shard with no selected row is simply never read."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
+            raise ValueError(f"row positions outside the {len(self)} samples of split {self.split!r}")
+        return SplitIndex(self.dataset, self.location, self.split, self.shards,
+                          {name: values[rows] for name, values in self.columns.items()})
+
     @classmethod
     def load(cls, location: Location, split: str, *, threads: int = 16) -> SplitIndex:
         dataset, fs, root = read_dataset(location)
@@ -63,8 +72,9 @@ class SplitIndex:
             label = table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names \
                 else np.full(rows, -1, dtype=np.int64)
             columns["label"].append(label)
-            if "transcript" in table.column_names:  # speech: None for untranscribed utterances
-                columns.setdefault("transcript", []).append(np.asarray(table.column("transcript").to_pylist(), dtype=object))
+            for name in ("transcript", "speaker"):  # speech: None where there is none
+                if name in table.column_names:
+                    columns.setdefault(name, []).append(np.asarray(table.column(name).to_pylist(), dtype=object))
         merged = {name: (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
                   for name, parts in columns.items()}
         return cls(dataset, location, split, shards, merged)

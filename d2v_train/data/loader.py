@@ -86,6 +86,14 @@ class StreamingLoader:
         self._served = 0  # batches this rank has handed out in this iteration
         self._plans: dict[int, list[GlobalBatch]] = {}
 
+    def restrict(self, rows: np.ndarray) -> None:
+        """Serve only these positions of the split from now on (a labelled subset, eval/labelled.py);
+        called before the first iteration, since the plan of the whole split no longer applies."""
+        if self._served or self._start or self.epoch:
+            raise RuntimeError("restrict() a loader before iterating it")
+        self.index = self.index.select(rows)
+        self._plans = {}
+
     # -- planning -----------------------------------------------------------------------------
     def plan(self, epoch: int) -> list[GlobalBatch]:
         if epoch not in self._plans:

@@ -28,6 +28,25 @@ def add_parser(subparsers) -> None:
         parser = tasks.add_parser(task, help=HELP[task], description=HELP[task])
         add_common_arguments(parser)
         TASK_ARGUMENTS[task](parser)
+    curve = tasks.add_parser(
+        "curve", allow_abbrev=False, help="label-efficiency curve: a task at several labelled-data budgets per checkpoint",
+        description="Runs TASK for every checkpoint at every budget (and fine-tuning seed), keeps every result under "
+                    "--out/results/, and writes --out/report.md with the curve (metric against labelled amount). "
+                    "Options not listed here go to `d2v eval TASK` unchanged (--data, --train-split, --steps, ...).")
+    curve.add_argument("curve_task", metavar="TASK", choices=list(TASKS))
+    curve.add_argument("--checkpoint", action="append", required=True, dest="checkpoints",
+                       help="a checkpoint (as for d2v eval TASK), or 'random' (needs --model); give several")
+    curve.add_argument("--model", default=None, help="the preset of --checkpoint random")
+    curve.add_argument("--budgets", default="all",
+                       help="comma-separated labelled-data budgets: speech durations or utterance counts (5m,20m,all); "
+                            "images K per class (1,4,all) or fractions with %% (1%%,10%%); text example counts (64,all)")
+    curve.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per point (0..N-1): mean and spread")
+    curve.add_argument("--jobs", type=int, default=1,
+                       help="runs side by side in worker processes (threads split between them); one process only")
+    curve.add_argument("--metric", default=None, help="the metric the curve follows (default: the task's: cer, top1, accuracy)")
+    curve.add_argument("--out", required=True, help="folder/URL for report.md, curve.png, curve.json and results.json")
+    curve.add_argument("--results", default=None, help="folder/URL for every run's result JSON (default: OUT/results)")
+    curve.add_argument("--title", default=None)
     report = tasks.add_parser("report", help="a Markdown report with plots comparing result files")
     report.add_argument("results", nargs="+", help="JSON files written by `d2v eval ... --out`")
     report.add_argument("--out", required=True, help="folder for report.md and its PNG plots")
@@ -45,23 +64,35 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning updates (task default if omitted)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (task default if omitted)")
     parser.add_argument("--batch-size", type=int, default=None, help="per rank (task default if omitted)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="fine-tuning seed (head, batches, masks)")
+    parser.add_argument("--subset-seed", type=int, default=0,
+                        help="seed of the labelled subset a budget draws (kept apart from --seed, so that "
+                             "fine-tuning seeds vary the training, not the labels)")
     parser.add_argument("--workers", type=int, default=2, help="loader threads per rank")
     parser.add_argument("--log-every", type=int, default=10)
     parser.add_argument("--label", default=None, help="the name reports give this run (default: step or 'random')")
-    parser.add_argument("--out", default=None, help="also write the result JSON here (any fsspec URL)")
+    parser.add_argument("--out", default=None, help="write the whole result JSON here (any fsspec URL)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the whole result as one JSON line instead of the one-line summary")
 
 
 def _speech_ctc_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-tokens", type=int, default=1_600_000,
-                        help="audio samples per training batch per rank (whole utterances, padded)")
+    parser.add_argument("--labelled", default="all",
+                        help="labelled-data budget drawn from the train split, balanced over speakers: a duration "
+                             "(10m, 1h, 90s), an utterance count (48) or 'all' (default)")
+    parser.add_argument("--max-tokens", type=int, default=None,
+                        help="audio samples per training batch per rank (whole utterances, padded; default: the "
+                             "recipe's, 200,000 for encoders narrower than 256, else 1,600,000)")
     parser.add_argument("--eval-max-tokens", type=int, default=None, help="per evaluation batch (default: --max-tokens)")
-    parser.add_argument("--mask-prob", type=float, default=0.65, help="time-span masking while fine-tuning (0: none)")
+    parser.add_argument("--mask-prob", type=float, default=None,
+                        help="time-span masking while fine-tuning (0: none; default: the recipe's, 0.2 or 0.65)")
     parser.add_argument("--mask-length", type=int, default=10)
-    parser.add_argument("--mask-channel-prob", type=float, default=0.1, help="channel-span masking (0: none)")
+    parser.add_argument("--mask-channel-prob", type=float, default=None,
+                        help="channel-span masking (0: none; default: the recipe's, 0 or 0.1)")
     parser.add_argument("--mask-channel-length", type=int, default=64, help="capped at a quarter of the model width")
     parser.add_argument("--freeze-transformer-steps", type=int, default=None,
-                        help="updates that train only the output layer (default: a tenth of --steps)")
+                        help="updates that train only the output layer (default: the recipe's share of --steps, "
+                             "a half or a tenth)")
     parser.add_argument("--train-feature-encoder", action="store_true", help="also fine-tune the CNN (frozen by default)")
     parser.add_argument("--dropout", type=float, default=0.0, help="Transformer dropout and attention dropout")
     parser.add_argument("--activation-dropout", type=float, default=0.1)
@@ -69,6 +100,11 @@ def _speech_ctc_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _image_arguments(parser: argparse.ArgumentParser) -> None:
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--labels-per-class", type=int, default=None,
+                        help="labelled-data budget: K images of each class of the train split")
+    budget.add_argument("--label-fraction", type=float, default=None,
+                        help="labelled-data budget: this fraction of each class (0.01, 0.1: ImageNet's 1%% and 10%%)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
     parser.add_argument("--weight-decay", type=float, default=None, help="task default if omitted")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="fine-tuning only")
@@ -77,6 +113,8 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _text_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--train-limit", type=int, default=None,
+                        help="labelled-data budget: at most N training examples, balanced over labels")
     parser.add_argument("--tokenizer", default=None,
                         help="tokenizer folder/URL (default: the one of the dataset the checkpoint was pre-trained on)")
     parser.add_argument("--max-length", type=int, default=512, help="tokens per example, <s> and </s> included")
@@ -90,27 +128,47 @@ TASK_ARGUMENTS = {"speech-ctc": _speech_ctc_arguments, "image-probe": _image_arg
                   "image-finetune": _image_arguments, "text-cls": _text_arguments}
 
 
-def run(args) -> int:
+def task_parser(task: str) -> argparse.ArgumentParser:
+    """The options of `d2v eval TASK` alone (the curve parses each of its runs with it)."""
+    parser = argparse.ArgumentParser(prog=f"d2v eval {task}", description=HELP[task])
+    add_common_arguments(parser)
+    TASK_ARGUMENTS[task](parser)
+    return parser
+
+
+def run(args, extra: list[str] | None = None) -> int:
+    """`extra`: the options `d2v eval curve` passes on to its task (unknown ones are an error elsewhere)."""
     if args.eval_task == "report":
         from d2v_train.eval.report import write_report
 
         path = write_report(args.results, args.out, title=args.title)
         print(f"wrote {path}")
         return 0
+    if args.eval_task == "curve":
+        from d2v_train.eval.curve_run import run_curve
+
+        print(f"wrote {run_curve(args, extra or [])}")
+        return 0
     from d2v_train.eval import runtime
+
+    world = runtime.start()
+    try:
+        runtime.emit(evaluate_once(args, world), args.out, world, as_json=args.json)
+    finally:
+        runtime.stop()
+    return 0
+
+
+def evaluate_once(args, world):
+    """Load the backbone, run the task, time it: the EvalResult of one `d2v eval TASK`."""
     from d2v_train.eval.backbone import load_backbone
 
     if args.steps is not None and args.steps < 0:
         raise ValueError("--steps must be >= 0")
-    world = runtime.start()
-    try:
-        started = time.monotonic()
-        backbone = load_backbone(args.checkpoint, args.model, seed=args.seed)
-        backbone.encoder.to(world.device)
-        result = import_module(TASKS[args.eval_task]).evaluate(args, world, backbone)
-        result.elapsed_s = time.monotonic() - started
-        runtime.emit(result, args.out, world)
-    finally:
-        runtime.stop()
-    return 0
+    started = time.monotonic()
+    backbone = load_backbone(args.checkpoint, args.model, seed=args.seed)
+    backbone.encoder.to(world.device)
+    result = import_module(TASKS[args.eval_task]).evaluate(args, world, backbone)
+    result.elapsed_s = time.monotonic() - started
+    return result
 

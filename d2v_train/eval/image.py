@@ -28,13 +28,13 @@ from d2v_train.config import OptimConfig
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.plan import BatchPolicy
 from d2v_train.distributed import World
-from d2v_train.eval import finetune, runtime
+from d2v_train.eval import finetune, labelled, runtime
 from d2v_train.eval.metrics import topk_correct
 from d2v_train.models.encoder import Encoder
 from d2v_train.schedules import lr_scale
 from pipelines.inspection import read_dataset
 from pipelines.storage import Location
-from schemas.evaluation import CurvePoint, DataRef, EvalResult
+from schemas.evaluation import CurvePoint, DataRef, EvalResult, LabelledSubset
 
 PROBE_DEFAULTS = {"steps": 300, "lr": 1e-2, "batch_size": 64, "weight_decay": 0.0}
 FINETUNE_DEFAULTS = {"steps": 200, "lr": 5e-4, "batch_size": 32, "weight_decay": 0.05}
@@ -95,6 +95,18 @@ def _loader(args, world: World, split: str, batch_size: int, image_size: int, *,
     return loader
 
 
+def labelled_subset(args, loader: StreamingLoader) -> labelled.Subset:
+    """The train split's class-balanced budget (--labels-per-class / --label-fraction), applied to
+    the loader; neither given: the whole split (fraction 1)."""
+    per_class, fraction = getattr(args, "labels_per_class", None), getattr(args, "label_fraction", None)
+    if per_class is None and fraction is None:
+        fraction = 1.0
+    subset = labelled.class_balanced(loader.index.columns["label"], args.subset_seed, per_class=per_class,
+                                     fraction=fraction)
+    loader.restrict(subset.rows)
+    return subset
+
+
 def pooled_features(encoder: Encoder, image_BCHW: torch.Tensor) -> torch.Tensor:
     """The mean of the final output's patch tokens (CLS left out): (B, D)."""
     x_BTD, padding_BT = encoder.embed({"image": image_BCHW})
@@ -112,9 +124,12 @@ def _fractions(hits: dict[int, int], total: int) -> dict[str, float]:
     return {f"top{k}": hits[k] / total if total else 0.0 for k in KS}
 
 
-def _data_ref(args, train_loader: StreamingLoader, scored: int) -> DataRef:
+def _data_ref(args, train_loader: StreamingLoader, scored: int, subset: labelled.Subset | None) -> DataRef:
     return DataRef(url=Location(args.data).public_url(), train_split=args.train_split, eval_split=args.eval_split,
-                   train_samples=len(train_loader.index), eval_samples=scored)
+                   train_samples=len(train_loader.index), eval_samples=scored,
+                   labelled=None if subset is None else LabelledSubset(
+                       budget=subset.budget, samples=subset.samples, classes=subset.groups, seed=args.subset_seed,
+                       keys_sha256=labelled.fingerprint(train_loader.index.columns["key"])))
 
 
 def _label(args, backbone) -> str:
@@ -166,6 +181,7 @@ def _probe(args, world: World, backbone, image_size: int, classes: int) -> EvalR
                                                            train=False)))
         eval_loader = stack.enter_context(closing(_loader(args, world, args.eval_split, batch_size, image_size,
                                                           train=False)))
+        subset = labelled_subset(args, train_loader)
         runtime.log(world, f"image-probe: encoding {len(train_loader.index)} + {len(eval_loader.index)} images")
         _, train_y, train_x = extract_features(encoder, train_loader, world, dim)
         _, eval_y, eval_x = extract_features(encoder, eval_loader, world, dim)
@@ -188,7 +204,7 @@ def _probe(args, world: World, backbone, image_size: int, classes: int) -> EvalR
     return EvalResult(
         task=args.eval_task, label=_label(args, backbone), metrics=_fractions(hits, len(eval_y)),
         baseline=majority_baseline(train_y, eval_y, classes), checkpoint=backbone.ref,
-        data=_data_ref(args, train_loader, len(eval_y)), steps=steps, world_size=world.size, seed=args.seed,
+        data=_data_ref(args, train_loader, len(eval_y), subset), steps=steps, world_size=world.size, seed=args.seed,
         hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "schedule": "cosine",
                          "probe_batch": min(PROBE_BATCH, len(train_y)), "image_size": image_size,
                          "features": "mean of final patch tokens, standardised", "classes": classes},
@@ -303,6 +319,11 @@ def _finetune(args, world: World, backbone, image_size: int, classes: int) -> Ev
                                                            train=True)))
         eval_loader = stack.enter_context(closing(_loader(args, world, args.eval_split, batch_size, image_size,
                                                           train=False)))
+        subset = labelled_subset(args, train_loader)
+        if subset.samples < batch_size * world.size:  # a few labels: full batches
+            batch_size = max(1, subset.samples // world.size)
+            train_loader.policy = BatchPolicy(batch_size=batch_size, shuffle=True, tail="drop")
+            runtime.log(world, f"image-finetune: {subset.samples} labelled images: batches of {batch_size} per rank")
         batches = stack.enter_context(closing(finetune.forever(train_loader)))  # closing stops its threads
         curve = train_classifier(model, batches, groups, steps=steps, cfg=cfg,
                                  label_smoothing=args.label_smoothing, world=world, log_every=args.log_every)
@@ -311,7 +332,7 @@ def _finetune(args, world: World, backbone, image_size: int, classes: int) -> Ev
     return EvalResult(
         task=args.eval_task, label=_label(args, backbone), metrics=_fractions(hits, scored),
         baseline=majority_baseline(train_labels, eval_loader.index.columns["label"], classes),
-        checkpoint=backbone.ref, data=_data_ref(args, train_loader, scored), steps=steps, world_size=world.size,
+        checkpoint=backbone.ref, data=_data_ref(args, train_loader, scored, subset), steps=steps, world_size=world.size,
         seed=args.seed,
         hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
                          "global_batch": batch_size * world.size, "layer_decay": args.layer_decay,

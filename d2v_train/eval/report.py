@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pydantic import TypeAdapter, ValidationError
 
 from pipelines.storage import Location, join, redact, write_atomic
-from schemas.evaluation import EVAL_SCHEMA_VERSION, EvalResult
+from schemas.evaluation import EVAL_SCHEMA_VERSION, READABLE_VERSIONS, EvalResult
 
 __all__ = ["group_by_section", "load_results", "plot_section", "render_markdown", "section_of", "write_report"]
 
@@ -81,7 +81,7 @@ def load_results(urls: Sequence[str]) -> list[EvalResult]:
             where = ".".join(str(part) for part in first["loc"])
             raise ValueError(f"{shown}: not an evaluation result: "
                              f"{where + ': ' if where else ''}{first['msg']}") from None
-        if result.version != EVAL_SCHEMA_VERSION:
+        if result.version not in READABLE_VERSIONS:
             raise ValueError(f"{shown}: result version {result.version}, this d2v reads version {EVAL_SCHEMA_VERSION}")
         results.append(result)
     return results
@@ -137,6 +137,31 @@ def best_index(values: Sequence[float | None], how: Metric) -> int | None:
 
 def is_random(result: EvalResult) -> bool:
     return result.label == "random" or result.checkpoint.url == "random"
+
+
+# ---------------------------------------------------------------- one line (pure)
+
+
+def one_line(result: EvalResult) -> str:
+    """The result as a terminal or log line: the metrics against the trivial baseline, the labels
+    used and the cost; the whole result (loss curve included) goes to --out and the reports."""
+    shown = ", ".join(f"{metric(n).title} {metric(n).format(v)}" for n, v in result.metrics.items()
+                      if n in METRICS) or ", ".join(f"{n} {v:.4g}" for n, v in result.metrics.items())
+    headline = headline_of([result])
+    base = f" (trivial baseline {metric(headline).title} {metric(headline).format(result.baseline[headline])})" \
+        if headline and headline in result.baseline else ""
+    data = result.data
+    labelled = data.labelled
+    if labelled is None:
+        labels = f"{data.train_samples:,} labelled samples of {data.train_split} (all)"
+    else:
+        extra = [f"{labelled.seconds / 60:.1f} min" if labelled.seconds is not None else None,
+                 f"{labelled.speakers} speakers" if labelled.speakers is not None else None,
+                 f"{labelled.classes} classes" if labelled.classes is not None else None]
+        labels = (f"budget {labelled.budget}: {labelled.samples:,} labelled samples of {data.train_split}"
+                  + "".join(f", {e}" for e in extra if e))
+    return (f"{result.task} {result.label}: {shown}{base} on {data.eval_split} ({data.eval_samples:,} scored) | "
+            f"{labels} | {result.steps:,} updates, seed {result.seed}, {_duration(result.elapsed_s)}")
 
 
 # ---------------------------------------------------------------- Markdown (pure)
@@ -273,21 +298,21 @@ def plot_section(section: str, results: Sequence[EvalResult]) -> dict[str, bytes
     return plots
 
 
-def _figure(width: float, height: float):
+def new_figure(width: float, height: float):
     # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _png(figure) -> bytes:
+def png_bytes(figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
 
 def _metrics_chart(section: str, results: Sequence[EvalResult], names: list[str]) -> bytes:
-    figure = _figure(max(5.0, 1.2 + 0.9 * len(results) * len(names)), 4.0)
+    figure = new_figure(max(5.0, 1.2 + 0.9 * len(results) * len(names)), 4.0)
     ax = figure.add_subplot()
     width = 0.8 / len(results)
     baseline_drawn = False
@@ -307,7 +332,7 @@ def _metrics_chart(section: str, results: Sequence[EvalResult], names: list[str]
     ax.set_title(f"{section}" + (" (lower is better)" if lower else " (higher is better)" if higher else ""))
     ax.set_ylabel("%")
     ax.legend(fontsize="small")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 def _plottable(value: float | None, how: Metric) -> float:
@@ -315,7 +340,7 @@ def _plottable(value: float | None, how: Metric) -> float:
 
 
 def _loss_chart(section: str, results: Sequence[EvalResult]) -> bytes:
-    figure = _figure(6.0, 4.0)
+    figure = new_figure(6.0, 4.0)
     ax = figure.add_subplot()
     for r in results:
         if r.curve:
@@ -324,7 +349,7 @@ def _loss_chart(section: str, results: Sequence[EvalResult]) -> bytes:
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.legend(fontsize="small")
-    return _png(figure)
+    return png_bytes(figure)
 
 
 # ---------------------------------------------------------------- the shell

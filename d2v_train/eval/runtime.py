@@ -64,12 +64,23 @@ def average_gradients(module: nn.Module, world: World) -> None:
         offset += g.numel()
 
 
-def emit(result: EvalResult, out: str | None, world: World) -> None:
-    """Rank 0 prints the result as one JSON line and publishes it at `out` (any fsspec URL)."""
+def emit(result: EvalResult, out: str | None, world: World, *, as_json: bool = False) -> None:
+    """Rank 0 prints a one-line summary (or, with `as_json`, the whole result as one JSON line)
+    and publishes the whole result at `out` (any fsspec URL)."""
     if not world.main:
         return
-    text = result.model_dump_json()
-    print(text, flush=True)
+    if as_json:
+        print(result.model_dump_json(), flush=True)
+    else:
+        from d2v_train.eval.report import one_line
+
+        print(one_line(result) + (f" -> {Location(out).public_url()}" if out else ""), flush=True)
+    if out:
+        publish(result, out)
+
+
+def publish(result: EvalResult, out: str) -> None:
+    """The whole result, indented, at `out` (any fsspec URL), written atomically."""
     if out:
         location = Location(out)
         fs, path = location.filesystem()

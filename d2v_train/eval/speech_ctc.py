@@ -3,8 +3,10 @@
 The recipe of DATA2VEC.md section 6: a linear letter classifier on the encoder, the CNN feature
 encoder frozen, span masking of time steps (mask embedding) and channels while fine-tuning, a
 tri-stage LR (10% / 40% / 50%), and only the classifier trained for the first updates.
-Defaults: 1000 updates, peak LR 5e-5, no weight decay; dropout as fairseq fine-tunes data2vec
-audio (none on activations' inputs and attention, 0.1 on FFN activations, layer drop 0.05). Evaluation batches hold whole utterances
+Defaults (RECIPES, by encoder width): Base-size encoders 1000 updates at peak LR 5e-5, the CPU
+presets 800 at 3e-3 with the classifier alone for the first half; no weight decay; dropout as
+fairseq fine-tunes data2vec audio (none on activations' inputs and attention, 0.1 on FFN
+activations, layer drop 0.05). Evaluation batches hold whole utterances
 (padded, never cropped), so every transcribed utterance of the split is scored once.
 """
 from __future__ import annotations
@@ -18,14 +20,42 @@ from d2v_train.config import OptimConfig
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.plan import BatchPolicy
 from d2v_train.distributed import World
-from d2v_train.eval import ctc, finetune, runtime
+from d2v_train.eval import ctc, finetune, labelled, runtime
 from d2v_train.eval.backbone import Backbone
 from d2v_train.eval.metrics import ErrorCounts, error_counts
 from d2v_train.models.speech import frame_padding_mask
 from pipelines.masking import compute_span_masks
-from schemas.evaluation import DataRef, EvalResult
+from schemas.evaluation import DataRef, EvalResult, LabelledSubset
 
-DEFAULT_STEPS, DEFAULT_LR = 1000, 5e-5
+# Fine-tuning recipes by encoder width, for the options left out. BASE: fairseq's data2vec audio
+# fine-tuning of Base/Large models. SMALL (the CPU presets, narrower than 256): a small encoder on
+# minutes of labels needs a far higher LR and gentler masking, and the pre-trained features are
+# kept intact while the classifier learns them (half the updates); BENCHMARKS.md, "Label
+# efficiency", has the sweep. Both were chosen so that neither a pre-trained nor a random encoder
+# stays at the all-blank baseline.
+RECIPES = {
+    "small": {"steps": 800, "lr": 3e-3, "freeze_share": 0.5, "max_tokens": 200_000, "mask_prob": 0.2,
+              "mask_channel_prob": 0.0},
+    "base": {"steps": 1000, "lr": 5e-5, "freeze_share": 0.1, "max_tokens": 1_600_000, "mask_prob": 0.65,
+             "mask_channel_prob": 0.1},
+}
+SMALL_WIDTH = 256
+
+
+def recipe_for(dim: int) -> tuple[str, dict]:
+    name = "small" if dim < SMALL_WIDTH else "base"
+    return name, RECIPES[name]
+
+
+def fill_defaults(args, dim: int) -> str:
+    """Fill the options left out (None) from the encoder's recipe; returns the recipe's name."""
+    name, recipe = recipe_for(dim)
+    for option in ("steps", "lr", "max_tokens", "mask_prob", "mask_channel_prob"):
+        if getattr(args, option, None) is None:
+            setattr(args, option, recipe[option])
+    if args.freeze_transformer_steps is None:
+        args.freeze_transformer_steps = int(args.steps * recipe["freeze_share"])
+    return name
 
 
 class CTCModel(nn.Module):
@@ -113,11 +143,11 @@ def _transcribed(batches, stats: dict):
 def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
     if backbone.modality != "speech":
         raise ValueError(f"speech-ctc needs a speech encoder; the checkpoint's is {backbone.modality}")
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    freeze_steps = steps // 10 if args.freeze_transformer_steps is None else args.freeze_transformer_steps
+    recipe = fill_defaults(args, backbone.model.encoder.dim)
+    steps, freeze_steps = args.steps, args.freeze_transformer_steps
     if not 0 < args.mask_prob < 1 and args.mask_prob != 0:
         raise ValueError("--mask-prob must be in [0, 1)")
-    cfg = OptimConfig(lr=args.lr or DEFAULT_LR, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, schedule="tri_stage",
+    cfg = OptimConfig(lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, schedule="tri_stage",
                       warmup=0.1, hold=0.4, final_lr_scale=0.05)
     finetune.set_dropout(backbone.encoder, dropout=args.dropout, attention_dropout=args.dropout,
                          activation_dropout=args.activation_dropout, layer_drop=args.layer_drop)
@@ -130,11 +160,23 @@ def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
                                    rank=world.rank, world_size=world.size, seed=args.seed, train=True,
                                    workers=args.workers)
     if train_loader.index.modality != "speech":
+        train_loader.close()
         raise ValueError(f"{args.data} holds {train_loader.index.modality} shards, not speech")
     transcripts = train_loader.index.columns.get("transcript")
     train_samples = 0 if transcripts is None else int(sum(1 for t in transcripts if t))
     if steps and not train_samples:
+        train_loader.close()
         raise ValueError(f"split {args.train_split!r} of {args.data} has no transcribed utterances to fine-tune on")
+    try:
+        subset = labelled_subset(train_loader.index, args.labelled, args.subset_seed) if train_samples else None
+    except ValueError:
+        train_loader.close()
+        raise
+    if subset is not None:
+        train_loader.restrict(subset.rows)
+        train_samples = subset.samples
+        runtime.log(world, f"speech-ctc: labelled budget {subset.budget}: {subset.samples} utterances, "
+                           f"{subset.seconds / 60:.1f} min, {subset.groups} speakers")
     stats = {"dropped_characters": 0}
     rng = np.random.default_rng([args.seed, world.rank, 17])
 
@@ -168,9 +210,13 @@ def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
         baseline={"wer": baseline_counts.wer, "cer": baseline_counts.cer},
         checkpoint=backbone.ref,
         data=DataRef(url=args.data, train_split=args.train_split, eval_split=args.eval_split,
-                     train_samples=train_samples, eval_samples=scored),
+                     train_samples=train_samples, eval_samples=scored,
+                     labelled=None if subset is None else LabelledSubset(
+                         budget=subset.budget, samples=subset.samples, seconds=round(subset.seconds, 3),
+                         speakers=subset.groups, seed=args.subset_seed,
+                         keys_sha256=labelled.fingerprint(train_loader.index.columns["key"]))),
         steps=steps, world_size=world.size, seed=args.seed, curve=curve,
-        hyperparameters={"lr": cfg.lr, "schedule": "tri_stage 10/40/50", "max_tokens": args.max_tokens,
+        hyperparameters={"recipe": recipe, "lr": cfg.lr, "schedule": "tri_stage 10/40/50", "max_tokens": args.max_tokens,
                          "mask_prob": args.mask_prob, "mask_length": args.mask_length,
                          "mask_channel_prob": args.mask_channel_prob,
                          "mask_channel_length": min(args.mask_channel_length, backbone.model.encoder.dim // 4),
@@ -182,6 +228,22 @@ def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
                          "word_edits": counts.word_edits, "words": counts.words,
                          "char_edits": counts.char_edits, "chars": counts.chars},
     )
+
+
+def labelled_subset(index, budget_text: str, seed: int) -> labelled.Subset:
+    """The transcribed utterances a budget draws ('all': every one of them)."""
+    budget = labelled.Budget.parse(budget_text)
+    transcripts = index.columns.get("transcript")
+    eligible = np.array([bool(t) for t in transcripts], dtype=bool) if transcripts is not None \
+        else np.zeros(len(index), dtype=bool)
+    speakers = index.columns.get("speaker")
+    if speakers is None:  # LibriSpeech keys lead with the speaker
+        speakers = np.array([str(k).split("-")[0] for k in index.columns["key"]], dtype=object)
+    seconds = index.lengths / float(index.dataset.frame_grid.sample_rate if index.dataset.frame_grid else 16_000)
+    try:
+        return labelled.speaker_balanced(speakers, seconds, eligible, budget, seed)
+    except ValueError as exc:
+        raise ValueError(f"split {index.split!r}: {exc}") from None
 
 
 def eval_policy(max_tokens: int) -> BatchPolicy:

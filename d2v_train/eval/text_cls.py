@@ -21,12 +21,12 @@ from torch import nn
 
 from d2v_train.config import OptimConfig
 from d2v_train.distributed import World
-from d2v_train.eval import glue, runtime
+from d2v_train.eval import glue, labelled, runtime
 from d2v_train.eval.finetune import fit
 from d2v_train.models.encoder import Encoder
 from pipelines.storage import Location
 from pipelines.tokenizer import load_tokenizer, special_ids
-from schemas.evaluation import DataRef, EvalResult
+from schemas.evaluation import DataRef, EvalResult, LabelledSubset
 
 DEFAULT_STEPS, DEFAULT_LR, DEFAULT_BATCH_SIZE = 200, 2e-5, 16
 WARMUP = 0.06  # RoBERTa's GLUE fine-tuning
@@ -168,6 +168,10 @@ def evaluate(args, world: World, backbone) -> EvalResult:
     if batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
     data = glue.load_glue(args.data, args.train_split, args.eval_split, args.glue_task)
+    subset = labelled.label_balanced(data.train_y, getattr(args, "train_limit", None), args.subset_seed)
+    if subset.budget != "all":  # the labelled-data budget, balanced over labels
+        data.train = [data.train[i] for i in subset.rows]
+        data.train_y = data.train_y[subset.rows]
     tokenizer, tokenizer_url = _tokenizer(args, backbone)
     frontend = backbone.model.frontend
     _check_vocabulary(tokenizer, frontend)
@@ -210,7 +214,10 @@ def evaluate(args, world: World, backbone) -> EvalResult:
         task="text-cls", label=args.label or backbone.label, metrics=glue.scores(confusion_CC),
         baseline=glue.scores(baseline_CC), checkpoint=backbone.ref,
         data=DataRef(url=Location(args.data).public_url(), train_split=args.train_split, eval_split=args.eval_split,
-                     train_samples=len(data.train), eval_samples=int(confusion_CC.sum())),
+                     train_samples=len(data.train), eval_samples=int(confusion_CC.sum()),
+                     labelled=None if subset is None else LabelledSubset(
+                         budget=subset.budget, samples=subset.samples, classes=subset.groups, seed=args.subset_seed,
+                         keys_sha256=labelled.fingerprint(subset.rows.tolist()))),
         steps=steps, world_size=world.size, seed=args.seed,
         hyperparameters={"glue_task": data.task.name, "headline": data.task.headline, "labels": list(data.labels),
                          "lr": lr, "batch_size": batch_size, "weight_decay": args.weight_decay,
