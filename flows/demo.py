@@ -18,8 +18,10 @@ DEMO = {
     "speech": {"max_steps": 1000, "shard_size": "4MB", "splits": ["train-other-500", "train-clean-100", "dev-clean"],
                "eval_budgets": ["1m", "all"], "eval_seeds": 3},
     "vision": {"max_steps": 100, "eval_steps": 300, "shard_size": "4MB"},
-    "text": {"max_steps": 100, "eval_steps": 150, "shard_size": "4MB", "vocab_size": 1000,
-             "eval_args": ["--lr", "1e-3", "--batch-size", "16"]},
+    # 400 documents, each about one of two topics, to pre-train on; a GLUE-format SST-2 task that
+    # labels sentences by topic, whose dev sentences use only topic words its train split never shows
+    "text": {"max_steps": 300, "shard_size": "4MB", "vocab_size": 1000, "eval_budgets": ["16", "64", "all"],
+             "eval_seeds": 3, "train_overrides": ["data.batch_size=16"], "eval_args": ["--batch-size", "16"]},
 }
 
 
@@ -33,22 +35,30 @@ def make_corpus(modality: str, root: str) -> tuple[str, dict]:
         spec = synthetic.make_imagenet(root, classes=4, train_per_class=16, val_per_class=4, seed=0, faults=True,
                                        learnable=True)
         return spec.source, {}
-    spec = synthetic.make_text_corpus(os.path.join(root, "corpus"), files=2, docs_per_file=20, seed=0, faults=True)
-    synthetic.make_glue_task(os.path.join(root, "glue"), "SST-2", train=200, dev=40, seed=0)
+    spec = synthetic.make_text_corpus(os.path.join(root, "corpus"), files=4, docs_per_file=100, seed=0, faults=True,
+                                      topics=True)
+    synthetic.make_glue_task(os.path.join(root, "glue"), "SST-2", train=200, dev=100, seed=0, rule="topic")
     return spec.source, {"eval_data": os.path.join(root, "glue", "SST-2")}
 
 
-def run_demo(modality: str, out: str, *, workers: int = 2, variant: str = "data2vec") -> int:
+def run_flow(modality: str, out: str, *, workers: int = 2, variant: str = "data2vec", seed: int = 0,
+             output: str | None = None):
+    """Generate the corpus under `out`/corpus and run the flow into `output` (default `out`/MODALITY);
+    returns the flow run's final state. `seed` seeds the build, pre-training and the curve's runs."""
     out = os.path.abspath(out)
     source, extra = make_corpus(modality, os.path.join(out, "corpus", modality))
     print(f"generated a {modality} corpus at {source} (with one item of each known fault)", flush=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from flows.pretrain import pretrain
 
-    output = os.path.join(out, modality)
-    state = pretrain(modality=modality, source=source, output=output, preset="tiny", variant=variant,
-                     build_workers=workers,
-                     mask_variants=4, **DEMO[modality], **extra, return_state=True)
+    return pretrain(modality=modality, source=source, output=output or os.path.join(out, modality), preset="tiny",
+                    variant=variant, build_workers=workers, mask_variants=4, seed=seed, **DEMO[modality], **extra,
+                    return_state=True)
+
+
+def run_demo(modality: str, out: str, *, workers: int = 2, variant: str = "data2vec") -> int:
+    output = os.path.join(os.path.abspath(out), modality)
+    state = run_flow(modality, out, workers=workers, variant=variant)
     if not state.is_completed():
         print(f"error: the pretrain flow ended {state.name}: {state.message}", flush=True)
         return 1

@@ -367,6 +367,67 @@ def _shape_image(rng: np.random.Generator, width: int, height: int, label: int, 
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
+# Eight tile textures in two families of four, mixed so that nothing visual tells the families apart
+# (each has two stripe patterns, a round and an angular one, and the labelled textures pair round
+# with angular the other way round from the unseen ones); a family picture is a 4x4 mosaic of its
+# family's textures in random colours. A labelled `train` split shows only the first two textures
+# of each family and `val` only the other two; the unlabelled split mixes all four in every
+# picture, so only what an encoder learns there (which textures share pictures) carries the labels
+# over to the unseen textures, as topic words do for text.
+_FAMILIES = (("hstripes", "dots", "diag_up", "square"), ("vstripes", "checker", "diag_down", "ring"))
+
+
+def _tile(draw: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, size: int, ink: tuple, phase: int) -> None:
+    step = max(2, size // 4)
+    if kind in ("hstripes", "vstripes"):
+        for k in range(phase % step, size, step):
+            box = (x0, y0 + k, x0 + size - 1, y0 + k + step // 2 - 1) if kind == "hstripes" \
+                else (x0 + k, y0, x0 + k + step // 2 - 1, y0 + size - 1)
+            draw.rectangle(box, fill=ink)
+    elif kind in ("diag_up", "diag_down"):
+        for k in range(-size, size, step):
+            a, b = (x0 + k, y0 + size), (x0 + k + size, y0)
+            if kind == "diag_down":
+                a, b = (x0 + k, y0), (x0 + k + size, y0 + size)
+            draw.line([a, b], fill=ink, width=max(1, step // 2))
+    elif kind == "dots":
+        for i in range(2):
+            for j in range(2):
+                cx, cy, r = x0 + size * (2 * i + 1) // 4, y0 + size * (2 * j + 1) // 4, max(1, size // 8)
+                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=ink)
+    elif kind == "checker":
+        half = size // 2
+        draw.rectangle((x0, y0, x0 + half - 1, y0 + half - 1), fill=ink)
+        draw.rectangle((x0 + half, y0 + half, x0 + size - 1, y0 + size - 1), fill=ink)
+    elif kind == "ring":
+        m = max(1, size // 8)
+        draw.ellipse((x0 + m, y0 + m, x0 + size - 1 - m, y0 + size - 1 - m), outline=ink, width=max(1, size // 6))
+    else:  # square
+        m = size // 4
+        draw.rectangle((x0 + m, y0 + m, x0 + size - 1 - m, y0 + size - 1 - m), fill=ink)
+
+
+def _family_image(rng: np.random.Generator, width: int, height: int, label: int, textures: tuple[int, ...]) -> Image.Image:
+    """A 4x4 mosaic of the family's textures (those of `textures`, by index), each tile in its own
+    random colours."""
+    family = _FAMILIES[label % len(_FAMILIES)]
+    img = Image.new("RGB", (width, height))
+    draw = ImageDraw.Draw(img)
+    tile_w, tile_h = width // 4, height // 4
+    for i in range(4):
+        for j in range(4):
+            back = rng.uniform(0, 255, 3)
+            ink = rng.uniform(0, 255, 3)
+            while np.abs(ink - back).sum() < 180:
+                ink = rng.uniform(0, 255, 3)
+            x0, y0 = i * tile_w, j * tile_h
+            draw.rectangle((x0, y0, x0 + tile_w - 1, y0 + tile_h - 1), fill=tuple(int(v) for v in back))
+            kind = family[textures[int(rng.integers(0, len(textures)))]]
+            _tile(draw, kind, x0, y0, min(tile_w, tile_h), tuple(int(v) for v in ink), int(rng.integers(0, 4)))
+    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, 6, (height, width, 3))
+    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
+
+
 def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     if fmt == "JPEG":
@@ -396,13 +457,17 @@ def make_imagenet(
     size_range: tuple[int, int] = (40, 96),
     faults: bool = False,
     learnable: bool | str = False,
+    unlabelled_per_class: int = 0,
 ) -> CorpusSpec:
     """Write an ImageNet-style tree: Kaggle `ilsvrc` layout or torchvision `imagefolder`.
 
     `learnable`: each picture shows its class (a hue and a shape of its own, jittered), so a
     linear probe on a small encoder can beat chance; `learnable="shape"`: the class is the shape
     alone, in random colours and places (random features do not separate the classes well);
-    otherwise pictures are unrelated to labels.
+    `learnable="families"` (two classes; `imagefolder` layout): mosaics of textures where `train`
+    shows two textures of each class, `val` the two others, and an `unlabelled` split of
+    `unlabelled_per_class` pictures per class mixes all four (see `_FAMILIES`); otherwise pictures
+    are unrelated to labels.
 
     `ilsvrc`: `ILSVRC/Data/CLS-LOC/train/WNID/WNID_N.JPEG`, flat
     `ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_NNNNNNNN.JPEG` labelled by
@@ -434,6 +499,9 @@ def make_imagenet(
     def picture(key: str, minimum: int = 0, wnid: str | None = None) -> Image.Image:
         irng = _rng(seed, key)
         w, h = (max(int(v), minimum) for v in irng.integers(lo, hi + 1, 2))
+        if learnable == "families" and wnid in ordered:
+            textures = (0, 1, 2, 3) if "unlabelled/" in key else (2, 3) if "val/" in key else (0, 1)
+            return _family_image(irng, 64, 64, ordered.index(wnid), textures)
         if learnable == "shape" and wnid in ordered:
             return _shape_image(irng, w, h, ordered.index(wnid), classes)
         if learnable and wnid in ordered:
@@ -445,6 +513,14 @@ def make_imagenet(
         for n in sorted(numbers.tolist()):
             rel = f"{base}train/{wnid}/{wnid}_{n}.JPEG"
             out.bytes(rel, _encode(picture(rel, wnid=wnid)))
+
+    if learnable == "families":
+        if layout != "imagefolder" or classes != len(_FAMILIES):
+            raise ValueError(f"learnable='families' needs layout='imagefolder' and classes={len(_FAMILIES)}")
+        for wnid in ordered:
+            for n in range(unlabelled_per_class):
+                rel = f"unlabelled/{wnid}/{wnid}_u{n}.JPEG"
+                out.bytes(rel, _encode(picture(rel, wnid=wnid)))
 
     if faults:
         frng = _rng(seed, "train-faults")
@@ -511,6 +587,8 @@ def make_imagenet(
             rejects[reason] = rejects.get(reason, 0) + 1
     converted = sum(r == "converted" for r in fault_map.values())
     splits = {"train": classes * train_per_class + converted, "val": n_val}
+    if learnable == "families" and unlabelled_per_class:
+        splits["unlabelled"] = classes * unlabelled_per_class
     accepted = sum(splits.values())
     rejected = sum(rejects.values())
     return CorpusSpec(
@@ -540,6 +618,32 @@ _TEXT_WORDS = (
 _ACCENTED = "café naïve Zürich São façade jalapeño Ελλάδα Straße résumé Kraków".split()
 _CJK = "東京 データ 学習 한국어 北京 音声".split()
 _EMOJI = "😀 🚀 🎵 🌍 📚".split()
+
+
+# Two topics of 24 words each. A topic corpus draws every document from one topic, so words of a
+# topic share their contexts; a topic task labels sentences by topic and uses the first half of
+# each topic's words in its train split and only the second half in its dev split: an encoder
+# can only carry the labels over to the unseen words through what it learned from the corpus.
+_TOPIC_WORDS = {
+    "nature": ("river forest mountain garden flower meadow valley island ocean rain cloud tree "
+               "lake stone desert field spring leaf moss wind shore hill snow grass").split(),
+    "machines": ("engine motor wire circuit signal battery sensor metal robot laser cable pump "
+                 "piston valve turbine gear switch screen server network radio rocket steel drill").split(),
+}
+
+
+def _topic_words(topic: str, half: str | None = None) -> list[str]:
+    words = _TOPIC_WORDS[topic]
+    return words if half is None else words[: len(words) // 2] if half == "seen" else words[len(words) // 2:]
+
+
+def _topic_sentence(rng: np.random.Generator, topic: str, half: str | None = None, topic_share: float = 0.4) -> str:
+    n = int(rng.integers(8, 16))
+    pool = _topic_words(topic, half)
+    words = [str(rng.choice(pool)) if rng.random() < topic_share else str(rng.choice(_FILLER_WORDS)) for _ in range(n)]
+    if not any(w in pool for w in words):
+        words[int(rng.integers(0, n))] = str(rng.choice(pool))
+    return " ".join(words)
 
 
 def _paragraph(rng: np.random.Generator, n_words: int, exotic: float = 0.08) -> str:
@@ -572,6 +676,7 @@ def make_text_corpus(
     paragraphs: tuple[int, int] = (1, 4),
     words_per_paragraph: tuple[int, int] = (5, 60),
     faults: bool = False,
+    topics: bool = False,
 ) -> CorpusSpec:
     """Write `root/part-NNN.txt` in the RoBERTa raw format.
 
@@ -579,7 +684,9 @@ def make_text_corpus(
     The first document of each file mixes in accented, CJK and emoji words;
     the second is long (~10k characters, several 512-token BPE blocks) and
     ignores the paragraph/word ranges. With `faults`, the first file gets one
-    extra document, in its middle, whose line holds the bytes `\\xff\\xfe`.
+    extra document, in its middle, whose line holds the bytes `\\xff\\xfe`. With `topics`, every
+    document after the first two is about one topic (sentences of filler and topic words, see
+    `_TOPIC_WORDS`), alternating between the topics.
     """
     source = Path(root).absolute()
     out = _Writer(source)
@@ -591,6 +698,11 @@ def make_text_corpus(
         for d in range(docs_per_file):
             if d == 1:
                 paras = [_paragraph(frng, 160) for _ in range(10)]
+            elif topics and d > 1:
+                topic = sorted(_TOPIC_WORDS)[(d + f) % len(_TOPIC_WORDS)]
+                n_par = int(frng.integers(paragraphs[0], paragraphs[1] + 1))
+                paras = [". ".join(_topic_sentence(frng, topic) for _ in range(int(frng.integers(2, 5)))) + "."
+                         for _ in range(n_par)]
             else:
                 n_par = int(frng.integers(paragraphs[0], paragraphs[1] + 1))
                 lo, hi = words_per_paragraph
@@ -645,14 +757,20 @@ def _opinion(rng: np.random.Generator, good: bool) -> str:
 
 
 def make_glue_task(root: str | os.PathLike, task: str = "SST-2", *, train: int = 200, dev: int = 40,
-                   seed: int = 0) -> CorpusSpec:
+                   seed: int = 0, rule: str = "lists") -> CorpusSpec:
     """Write `root/TASK/train.tsv` and `dev.tsv` in the GLUE layout of `task`, with a learnable rule.
 
     SST-2 (`sentence<TAB>label`) and CoLA (headerless `source, label, *-or-empty, sentence`): label 1
     when the sentence draws more words from one word list than from another. MRPC (byte-order mark,
     `Quality<TAB>#1 ID<TAB>#2 ID<TAB>#1 String<TAB>#2 String`): Quality 1 when both sentences lean
     to the same list. Labels are drawn 50/50; `expected` holds rows and label counts per split.
+    `rule="topic"` (SST-2 only): label 1 for a sentence about machines, 0 for nature (see
+    `_TOPIC_WORDS`), with the train split's topic words disjoint from the dev split's.
     """
+    if rule not in ("lists", "topic"):
+        raise ValueError(f"rule {rule!r}: expected 'lists' or 'topic'")
+    if rule == "topic" and task != "SST-2":
+        raise ValueError("rule 'topic' writes SST-2 files only")
     if task not in GLUE_TASKS:
         raise ValueError(f"task {task!r}: expected one of {GLUE_TASKS}")
     source = Path(root).absolute() / task
@@ -669,6 +787,9 @@ def make_glue_task(root: str | os.PathLike, task: str = "SST-2", *, train: int =
                 second = first if label else not first
                 ids = f"{1000 + 2 * n}\t{1001 + 2 * n}"
                 lines.append(f"{label}\t{ids}\t{_opinion(rng, first)}\t{_opinion(rng, second)}")
+            elif rule == "topic":
+                topic = "machines" if label else "nature"
+                lines.append(f"{_topic_sentence(rng, topic, 'seen' if split == 'train' else 'unseen')}\t{label}")
             elif task == "CoLA":
                 lines.append(f"syn{n % 7:02d}\t{label}\t{'' if label else '*'}\t{_opinion(rng, bool(label))}")
             else:

@@ -107,3 +107,28 @@ def test_label_balanced_text_subsets():
 
 def test_fingerprints_depend_on_the_set_of_keys_only():
     assert fingerprint(["b", "a"]) == fingerprint(["a", "b"]) != fingerprint(["a", "c"])
+
+
+def test_curve_budgets_map_to_each_tasks_option_and_bad_ones_are_refused_before_any_run():
+    from d2v_train.eval.curve_run import budget_options
+
+    assert budget_options("speech-ctc", "10m") == ["--labelled", "10m"]
+    assert budget_options("speech-ctc", "all") == []
+    assert budget_options("image-probe", "4") == ["--labels-per-class", "4"]
+    assert budget_options("image-finetune", "10%") == ["--label-fraction", "0.1"]
+    assert budget_options("text-cls", "64") == ["--train-limit", "64"]
+    for task, bad in (("speech-ctc", "lots"), ("image-probe", "5m"), ("image-probe", "0%"), ("text-cls", "1h")):
+        with pytest.raises(ValueError, match="--budgets"):
+            budget_options(task, bad)
+
+
+def test_two_checkpoints_with_the_same_label_are_told_apart():
+    from d2v_train.eval.curve_run import Run, distinct_labels
+    from tests.test_eval_report import _budgeted
+
+    runs = [Run("a/checkpoints", 0, "1m", 0, (), "x"), Run("b/checkpoints", 1, "1m", 0, (), "y"),
+            Run("random", 2, "1m", 0, (), "z")]
+    results = [_budgeted("step 1000", "1m", 60, 0, 0.5), _budgeted("step 1000", "1m", 60, 0, 0.6),
+               _budgeted("random", "1m", 60, 0, 0.7)]
+    changed = distinct_labels(runs, results)
+    assert [r.label for r in results] == ["step 1000 #1", "step 1000 #2", "random"] and len(changed) == 2

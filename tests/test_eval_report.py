@@ -207,7 +207,7 @@ def test_the_curve_states_the_gain_per_budget_with_mean_and_spread_over_seeds():
     small, large = curve.gain_sentences(points, "cer", "dev")
     assert small == ("pre-training (step 1000) cuts dev CER from 82.00% to 42.00% with 1.0 min of labels, 0.51x; "
                      "mean of 2 seeds")
-    assert large.startswith("pre-training (step 1000) cuts dev CER from 55.00% to 54.00% with all of labels")
+    assert large.startswith("pre-training (step 1000) cuts dev CER from 55.00% to 54.00% with all 10.0 min of labels")
     assert large.endswith("(inside the seeds spread: not a clear difference)")
     page = curve.render_markdown(results, "cer", "Curve", "curve.png")
     assert page.splitlines()[2] == f"**{small[0].upper()}{small[1:]}.**"

@@ -45,7 +45,7 @@ def amount_of(result: EvalResult) -> tuple[float, str]:
     if result.task == "speech-ctc":
         seconds = labelled.seconds if labelled and labelled.seconds is not None else None
         if seconds is None:  # the whole split: its length is not in the result, count utterances instead
-            return float(result.data.train_samples), "utterances"
+            return float(result.data.train_samples), "labelled utterances"
         return seconds / 60.0, "minutes of labelled audio"
     return float(labelled.samples if labelled else result.data.train_samples), "labelled samples"
 
@@ -75,8 +75,9 @@ def budgets_in_order(pts: Sequence[Point]) -> list[str]:
     return sorted(amounts, key=lambda b: amounts[b])
 
 
-def gain_sentences(pts: Sequence[Point], name: str, eval_split: str) -> list[str]:
-    """Per budget and pre-trained checkpoint: what pre-training did to the metric against random init."""
+def gain_sentences(pts: Sequence[Point], name: str, eval_split: str, unit: str = "minutes") -> list[str]:
+    """Per budget and pre-trained checkpoint: what pre-training did to the metric against random init
+    (`unit`: the x axis's, from `amount_of`)."""
     how = metric(name)
     by_budget = {b: [p for p in pts if p.budget == b] for b in budgets_in_order(pts)}
     lines = []
@@ -94,18 +95,19 @@ def gain_sentences(pts: Sequence[Point], name: str, eval_split: str) -> list[str
             ratio = f", {p.mean / base.mean:.2f}x" if base.mean and how.lower_is_better else ""
             seeds = f"{len(p.values)} seeds" if len(p.values) > 1 else "1 seed"
             lines.append(f"pre-training ({p.label}) {verb} {eval_split} {how.title} from {how.format(base.mean)} to "
-                         f"{how.format(p.mean)} with {_budget_words(budget, p.amount)} of labels"
+                         f"{how.format(p.mean)} with {_budget_words(budget, p.amount, unit)} of labels"
                          f"{ratio}; mean of {seeds}"
                          f"{'' if significant else ' (inside the seeds spread: not a clear difference)'}")
     return lines
 
 
-def _budget_words(budget: str, amount: float) -> str:
-    if budget == "all":
-        return "all"
-    if budget[-1:] in "smh" and not budget.isdigit():
-        return f"{amount:.1f} min" if amount < 120 else f"{amount / 60:.1f} h"
-    return budget
+def _budget_words(budget: str, amount: float, unit: str) -> str:
+    """'1.0 min', 'all 3.2 min', '1/class (6 samples)', '64 samples', 'all 600 samples'."""
+    prefix = "all " if budget == "all" else ""
+    if unit.startswith("minutes"):
+        return prefix + (f"{amount:.1f} min" if amount < 120 else f"{amount / 60:.1f} h")
+    count = f"{amount:,.0f} {unit.split()[-1]}"
+    return f"{budget} ({count})" if budget != "all" and not budget.isdigit() else prefix + count
 
 
 def render_markdown(results: Sequence[EvalResult], name: str, title: str, plot: str | None) -> str:
@@ -118,7 +120,7 @@ def render_markdown(results: Sequence[EvalResult], name: str, title: str, plot: 
     unit = amount_of(first)[1]
     budgets = budgets_in_order(pts)
     labels = list(dict.fromkeys(p.label for p in pts))
-    sentences = gain_sentences(pts, name, first.data.eval_split)
+    sentences = gain_sentences(pts, name, first.data.eval_split, unit)
     lines = [f"# {title}", ""]
     lines += [f"**{s[0].upper() + s[1:]}.**" for s in sentences] or ["(no random-init results to compare with)"]
     lines += ["", f"{first.task}: {how.title} on `{first.data.eval_split}` "
@@ -178,6 +180,7 @@ def summary(results: Sequence[EvalResult], name: str) -> dict:
     return {"metric": name, "points": [
         {"label": p.label, "budget": p.budget, "amount": p.amount, "mean": p.mean, "spread": p.spread,
          "values": list(p.values), "random": p.random} for p in points(results, name)],
-        "gains": gain_sentences(points(results, name), name, results[0].data.eval_split) if results else []}
+        "gains": gain_sentences(points(results, name), name, results[0].data.eval_split,
+                                amount_of(results[0])[1]) if results else []}
 
 

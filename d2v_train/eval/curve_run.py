@@ -24,6 +24,7 @@ from schemas.evaluation import EvalResult
 @dataclass(frozen=True)
 class Run:
     checkpoint: str
+    number: int  # its place among the --checkpoint options
     budget: str
     seed: int
     argv: tuple[str, ...]  # the whole `d2v eval TASK` command line, --out included
@@ -76,7 +77,7 @@ def plan_runs(args, extra: list[str]) -> list[Run]:
                 model = ["--model", args.model] if args.model and checkpoint == "random" else []
                 argv = ("--checkpoint", checkpoint, *model, *extra, *options[budget], "--seed", str(seed),
                         "--out", out)
-                runs.append(Run(checkpoint, budget, seed, argv, out))
+                runs.append(Run(checkpoint, number, budget, seed, argv, out))
     return runs
 
 
@@ -100,12 +101,30 @@ def run_curve(args, extra: list[str]) -> str:
                            f"({len(args.checkpoints)} checkpoints x {len(set(r.budget for r in runs))} budgets x "
                            f"{args.seeds} seeds)")
         results = _run_all(args.curve_task, runs, args.jobs, world)
+        for run, result in distinct_labels(runs, results):
+            if world.main:
+                runtime.publish(result, run.out)  # the file says what the report says
         if not world.main:
             return ""
         return write_curve_report(results, args.out, metric_name=args.metric,
                                   title=args.title or f"Label efficiency: {args.curve_task}")
     finally:
         runtime.stop()
+
+
+def distinct_labels(runs: list[Run], results: list[EvalResult]) -> list[tuple[Run, EvalResult]]:
+    """Two checkpoints with the same default label (two runs' "step 1000") get their place on the
+    command line added, so the curve keeps them apart; returns the (run, result) pairs relabelled."""
+    labels: dict[str, set[str]] = {}
+    for run, result in zip(runs, results):
+        labels.setdefault(result.label, set()).add(run.checkpoint)
+    changed = []
+    for run, result in zip(runs, results):
+        if len(labels[result.label]) > 1:
+            changed.append((run, result))
+    for run, result in changed:
+        result.label = f"{result.label} #{run.number + 1}"
+    return changed
 
 
 def _run_all(task: str, runs: list[Run], jobs: int, world) -> list[EvalResult]:

@@ -4,8 +4,9 @@ Examples become `<s> A </s>` or `<s> A </s></s> B </s>` with the pre-training to
 classification head on the first token's output (RobertaClassificationHead) and the whole encoder
 are fine-tuned with AdamW (betas 0.9/0.98, eps 1e-6), 6% linear warm-up then a cosine decay to 0
 (RoBERTa decays linearly; the shared schedules have no linear one). Defaults when the options are
-omitted: --steps 200, --lr 2e-5, --batch-size 16 per rank (--weight-decay 0.1, --max-length 512,
-capped at the model's positions).
+omitted: --steps 200, --batch-size 16 per rank, --lr 2e-5 (RoBERTa's) for encoders of width 256
+and more, 1e-3 for the narrower CPU presets, which barely move from random at 2e-5 in 200 updates
+(--weight-decay 0.1, --max-length 512, capped at the model's positions).
 Every rank draws its batches from the same seeded permutation per epoch (rank r takes batches
 r, r+W, ...) and the eval split is scored once across ranks (rank r takes examples r, r+W, ...).
 """
@@ -29,6 +30,7 @@ from pipelines.tokenizer import load_tokenizer, special_ids
 from schemas.evaluation import DataRef, EvalResult, LabelledSubset
 
 DEFAULT_STEPS, DEFAULT_LR, DEFAULT_BATCH_SIZE = 200, 2e-5, 16
+SMALL_WIDTH, SMALL_LR = 256, 1e-3  # the CPU presets' learning rate (BENCHMARKS.md, label efficiency)
 WARMUP = 0.06  # RoBERTa's GLUE fine-tuning
 HEAD_DROPOUT = 0.1
 
@@ -163,7 +165,7 @@ def evaluate(args, world: World, backbone) -> EvalResult:
     if backbone.modality != "text":
         raise ValueError(f"text-cls needs a text encoder; {backbone.ref.url} is {backbone.modality}")
     steps = DEFAULT_STEPS if args.steps is None else args.steps
-    lr = DEFAULT_LR if args.lr is None else args.lr
+    lr = args.lr if args.lr is not None else SMALL_LR if backbone.model.encoder.dim < SMALL_WIDTH else DEFAULT_LR
     batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
     if batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
