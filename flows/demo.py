@@ -15,7 +15,7 @@ from pipelines import synthetic
 DEMO = {
     # 400 unlabelled utterances (about 10 min) to pre-train on, 120 labelled ones (about 3 min) to
     # draw the budgets from, 40 of other speakers to score
-    "speech": {"max_steps": 1000, "shard_size": "4MB", "splits": ["train-other-500", "train-clean-100", "dev-clean"],
+    "speech": {"max_steps": 2000, "shard_size": "4MB", "splits": ["train-other-500", "train-clean-100", "dev-clean"],
                "eval_budgets": ["1m", "all"], "eval_seeds": 3},
     "vision": {"max_steps": 100, "eval_steps": 300, "shard_size": "4MB"},
     # 400 documents, each about one of two topics, to pre-train on; a GLUE-format SST-2 task that

@@ -44,7 +44,7 @@ TINY_TRAIN_DATA = {
     "text": ["data.batch_size=4", "data.workers=1"],
 }
 TINY_EVAL_ARGS = {"speech": ["--max-tokens", "200000"], "vision": ["--batch-size", "8"], "text": ["--batch-size", "4"]}
-DEFAULT_STEPS = {"tiny": 20, "base": 400_000, "large": 600_000}
+DEFAULT_STEPS = {"tiny": 2000, "base": 400_000, "large": 600_000}  # tiny: what the speech demo needs to learn
 # Labelled-data budgets of the evaluation curve: speech durations (Libri-light style), images
 # ImageNet's 1% / 10% semi-supervised protocols, text example counts; "all" is the whole split.
 EVAL_BUDGETS = {"speech": ["10m", "all"], "vision": ["1%", "10%", "all"], "text": ["100", "all"]}

@@ -317,117 +317,6 @@ def _class_image(rng: np.random.Generator, width: int, height: int, label: int, 
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
-def _shape_image(rng: np.random.Generator, width: int, height: int, label: int, classes: int) -> Image.Image:
-    """A picture whose class is the shape of its object alone (ellipse, box, triangle, cross, ring,
-    bar...: `label % 6`, twice as many in pairs from 7 classes up): colours of background and object,
-    the object's size, place and rotation and a distractor blob are drawn at random, so colour and
-    brightness statistics say nothing of the class. Its parts predict each other (an edge's course
-    continues behind a mask), which is what masked prediction can learn from unlabelled pictures."""
-    y, x = np.mgrid[0:height, 0:width]
-    angle = rng.uniform(0, 2 * np.pi)
-    ramp = (np.cos(angle) * x / width + np.sin(angle) * y / height) / 2.0
-    back = rng.uniform(30, 225, 3)
-    base = back * (1.0 + 0.3 * ramp[..., None])
-    img = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(img)
-    # the distractor first, so the object may cover it
-    bx, by = rng.uniform(0, width), rng.uniform(0, height)
-    br = min(width, height) * rng.uniform(0.06, 0.14)
-    draw.ellipse((bx - br, by - br, bx + br, by + br), fill=tuple(int(v) for v in rng.uniform(0, 255, 3)))
-    ink = rng.uniform(0, 255, 3)
-    while np.abs(ink - back).sum() < 150:  # the object always stands out from its background
-        ink = rng.uniform(0, 255, 3)
-    fill = tuple(int(v) for v in ink)
-    cx, cy = width * rng.uniform(0.35, 0.65), height * rng.uniform(0.35, 0.65)
-    r = min(width, height) * rng.uniform(0.22, 0.36)
-    turn = rng.uniform(-0.3, 0.3)
-
-    def rotated(points):
-        c, s_ = np.cos(turn), np.sin(turn)
-        return [(cx + c * px - s_ * py, cy + s_ * px + c * py) for px, py in points]
-
-    kind = label % 6
-    if kind == 0:
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
-    elif kind == 1:
-        draw.polygon(rotated([(-r, -r), (r, -r), (r, r), (-r, r)]), fill=fill)
-    elif kind == 2:
-        draw.polygon(rotated([(0, -r), (-r, r), (r, r)]), fill=fill)
-    elif kind == 3:
-        t = r / 3
-        draw.polygon(rotated([(-r, -t), (r, -t), (r, t), (-r, t)]), fill=fill)
-        draw.polygon(rotated([(-t, -r), (t, -r), (t, r), (-t, r)]), fill=fill)
-    elif kind == 4:
-        w_ = max(2, int(r / 3))
-        draw.ellipse((cx - r, cy - r, cx + r, cy + r), outline=fill, width=w_)
-    else:
-        draw.polygon(rotated([(-r, -r / 4), (r, -r / 4), (r, r / 4), (-r, r / 4)]), fill=fill)
-        draw.polygon(rotated([(-r, r / 2), (r, r / 2), (r, 3 * r / 4), (-r, 3 * r / 4)]), fill=fill)
-    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, 8, (height, width, 3))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
-
-
-# Eight tile textures in two families of four, mixed so that nothing visual tells the families apart
-# (each has two stripe patterns, a round and an angular one, and the labelled textures pair round
-# with angular the other way round from the unseen ones); a family picture is a 4x4 mosaic of its
-# family's textures in random colours. A labelled `train` split shows only the first two textures
-# of each family and `val` only the other two; the unlabelled split mixes all four in every
-# picture, so only what an encoder learns there (which textures share pictures) carries the labels
-# over to the unseen textures, as topic words do for text.
-_FAMILIES = (("hstripes", "dots", "diag_up", "square"), ("vstripes", "checker", "diag_down", "ring"))
-
-
-def _tile(draw: ImageDraw.ImageDraw, kind: str, x0: int, y0: int, size: int, ink: tuple, phase: int) -> None:
-    step = max(2, size // 4)
-    if kind in ("hstripes", "vstripes"):
-        for k in range(phase % step, size, step):
-            box = (x0, y0 + k, x0 + size - 1, y0 + k + step // 2 - 1) if kind == "hstripes" \
-                else (x0 + k, y0, x0 + k + step // 2 - 1, y0 + size - 1)
-            draw.rectangle(box, fill=ink)
-    elif kind in ("diag_up", "diag_down"):
-        for k in range(-size, size, step):
-            a, b = (x0 + k, y0 + size), (x0 + k + size, y0)
-            if kind == "diag_down":
-                a, b = (x0 + k, y0), (x0 + k + size, y0 + size)
-            draw.line([a, b], fill=ink, width=max(1, step // 2))
-    elif kind == "dots":
-        for i in range(2):
-            for j in range(2):
-                cx, cy, r = x0 + size * (2 * i + 1) // 4, y0 + size * (2 * j + 1) // 4, max(1, size // 8)
-                draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=ink)
-    elif kind == "checker":
-        half = size // 2
-        draw.rectangle((x0, y0, x0 + half - 1, y0 + half - 1), fill=ink)
-        draw.rectangle((x0 + half, y0 + half, x0 + size - 1, y0 + size - 1), fill=ink)
-    elif kind == "ring":
-        m = max(1, size // 8)
-        draw.ellipse((x0 + m, y0 + m, x0 + size - 1 - m, y0 + size - 1 - m), outline=ink, width=max(1, size // 6))
-    else:  # square
-        m = size // 4
-        draw.rectangle((x0 + m, y0 + m, x0 + size - 1 - m, y0 + size - 1 - m), fill=ink)
-
-
-def _family_image(rng: np.random.Generator, width: int, height: int, label: int, textures: tuple[int, ...]) -> Image.Image:
-    """A 4x4 mosaic of the family's textures (those of `textures`, by index), each tile in its own
-    random colours."""
-    family = _FAMILIES[label % len(_FAMILIES)]
-    img = Image.new("RGB", (width, height))
-    draw = ImageDraw.Draw(img)
-    tile_w, tile_h = width // 4, height // 4
-    for i in range(4):
-        for j in range(4):
-            back = rng.uniform(0, 255, 3)
-            ink = rng.uniform(0, 255, 3)
-            while np.abs(ink - back).sum() < 180:
-                ink = rng.uniform(0, 255, 3)
-            x0, y0 = i * tile_w, j * tile_h
-            draw.rectangle((x0, y0, x0 + tile_w - 1, y0 + tile_h - 1), fill=tuple(int(v) for v in back))
-            kind = family[textures[int(rng.integers(0, len(textures)))]]
-            _tile(draw, kind, x0, y0, min(tile_w, tile_h), tuple(int(v) for v in ink), int(rng.integers(0, 4)))
-    noisy = np.asarray(img, dtype=np.float64) + rng.normal(0, 6, (height, width, 3))
-    return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
-
-
 def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     if fmt == "JPEG":
@@ -456,18 +345,12 @@ def make_imagenet(
     seed: int = 0,
     size_range: tuple[int, int] = (40, 96),
     faults: bool = False,
-    learnable: bool | str = False,
-    unlabelled_per_class: int = 0,
+    learnable: bool = False,
 ) -> CorpusSpec:
     """Write an ImageNet-style tree: Kaggle `ilsvrc` layout or torchvision `imagefolder`.
 
     `learnable`: each picture shows its class (a hue and a shape of its own, jittered), so a
-    linear probe on a small encoder can beat chance; `learnable="shape"`: the class is the shape
-    alone, in random colours and places (random features do not separate the classes well);
-    `learnable="families"` (two classes; `imagefolder` layout): mosaics of textures where `train`
-    shows two textures of each class, `val` the two others, and an `unlabelled` split of
-    `unlabelled_per_class` pictures per class mixes all four (see `_FAMILIES`); otherwise pictures
-    are unrelated to labels.
+    linear probe on a small encoder can beat chance; otherwise pictures are unrelated to labels.
 
     `ilsvrc`: `ILSVRC/Data/CLS-LOC/train/WNID/WNID_N.JPEG`, flat
     `ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_NNNNNNNN.JPEG` labelled by
@@ -499,11 +382,6 @@ def make_imagenet(
     def picture(key: str, minimum: int = 0, wnid: str | None = None) -> Image.Image:
         irng = _rng(seed, key)
         w, h = (max(int(v), minimum) for v in irng.integers(lo, hi + 1, 2))
-        if learnable == "families" and wnid in ordered:
-            textures = (0, 1, 2, 3) if "unlabelled/" in key else (2, 3) if "val/" in key else (0, 1)
-            return _family_image(irng, 64, 64, ordered.index(wnid), textures)
-        if learnable == "shape" and wnid in ordered:
-            return _shape_image(irng, w, h, ordered.index(wnid), classes)
         if learnable and wnid in ordered:
             return _class_image(irng, w, h, ordered.index(wnid), classes)
         return _image(irng, w, h)
@@ -513,14 +391,6 @@ def make_imagenet(
         for n in sorted(numbers.tolist()):
             rel = f"{base}train/{wnid}/{wnid}_{n}.JPEG"
             out.bytes(rel, _encode(picture(rel, wnid=wnid)))
-
-    if learnable == "families":
-        if layout != "imagefolder" or classes != len(_FAMILIES):
-            raise ValueError(f"learnable='families' needs layout='imagefolder' and classes={len(_FAMILIES)}")
-        for wnid in ordered:
-            for n in range(unlabelled_per_class):
-                rel = f"unlabelled/{wnid}/{wnid}_u{n}.JPEG"
-                out.bytes(rel, _encode(picture(rel, wnid=wnid)))
 
     if faults:
         frng = _rng(seed, "train-faults")
@@ -587,8 +457,6 @@ def make_imagenet(
             rejects[reason] = rejects.get(reason, 0) + 1
     converted = sum(r == "converted" for r in fault_map.values())
     splits = {"train": classes * train_per_class + converted, "val": n_val}
-    if learnable == "families" and unlabelled_per_class:
-        splits["unlabelled"] = classes * unlabelled_per_class
     accepted = sum(splits.values())
     rejected = sum(rejects.values())
     return CorpusSpec(

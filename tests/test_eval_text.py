@@ -113,6 +113,25 @@ def test_bad_rows_name_their_file_and_line(tmp_path):
         glue.load_glue(cola, "train", "dev")
 
 
+def test_the_topic_task_scores_words_the_train_split_never_shows_and_the_corpus_teaches_them(tmp_path):
+    from pipelines.synthetic import _TOPIC_WORDS
+
+    spec = synthetic.make_glue_task(str(tmp_path), "SST-2", train=60, dev=30, seed=2, rule="topic")
+    data = glue.load_glue(spec.source, "train", "dev", None)
+    topic_words = {w for words in _TOPIC_WORDS.values() for w in words}
+    train_words = {w for e in data.train for w in e.text_a.split()} & topic_words
+    dev_words = {w for e in data.eval for w in e.text_a.split()} & topic_words
+    assert train_words and dev_words and not train_words & dev_words
+    for example, label in zip(data.train + data.eval, list(data.train_y) + list(data.eval_y)):
+        topic = "machines" if data.labels[label] == "1" else "nature"
+        assert set(example.text_a.split()) & topic_words <= set(_TOPIC_WORDS[topic])
+    corpus = synthetic.make_text_corpus(str(tmp_path / "corpus"), files=1, docs_per_file=6, seed=0, topics=True)
+    text = open(corpus.files[0], encoding="utf-8").read()
+    assert dev_words & set(text.replace(".", " ").split())  # the unlabelled corpus has the dev words
+    with pytest.raises(ValueError, match="SST-2"):
+        synthetic.make_glue_task(str(tmp_path), "MRPC", rule="topic")
+
+
 def test_task_names_and_sts_b_refused():
     assert glue.task_for("s3://bucket/glue/SST-2/") == "sst2"
     assert glue.task_for("/data/whatever", "sst-2") == "sst2" and glue.task_for("/x/MNLI") == "mnli"

@@ -197,7 +197,7 @@ def test_objective_matches_hand_computation():
     x, pad = model.student.embed(batch)
     mask = batch["mask"] & ~pad
     assert pad[-1].any() and (batch["mask"] & pad).any()  # padded frames were masked in the input
-    layers = teacher(x, pad, return_from=TINY.encoder.layers - obj.top_k, target="ffn").layers
+    layers = teacher(x, pad, return_from=TINY.encoder.layers - obj.top_k, target=obj.target).layers
     assert len(layers) == obj.top_k
     y = np.concatenate([
         (sum(_hand_instance_norm(l[b].double().numpy(), int((~pad[b]).sum())) for l in layers) / len(layers))
