@@ -20,7 +20,7 @@ DEMO = {
     "vision": {"max_steps": 100, "eval_steps": 300, "shard_size": "4MB"},
     # 400 documents, each about one of two topics, to pre-train on; a GLUE-format SST-2 task that
     # labels sentences by topic, whose dev sentences use only topic words its train split never shows
-    "text": {"max_steps": 300, "shard_size": "4MB", "vocab_size": 1000, "eval_budgets": ["16", "64", "all"],
+    "text": {"max_steps": 600, "shard_size": "4MB", "vocab_size": 1000, "eval_budgets": ["16", "64", "all"],
              "eval_seeds": 3, "train_overrides": ["data.batch_size=16"], "eval_args": ["--batch-size", "16"]},
 }
 
