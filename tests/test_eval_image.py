@@ -100,7 +100,7 @@ def test_finetune_trains_the_classifier_and_scores_the_eval_split(data, capsys, 
 def test_a_labels_per_class_budget_fine_tunes_on_that_many_of_each_class(data, capsys, one_torch_thread):
     code, out, err = _in_process(capsys, *_task_args("image-finetune", data, "--checkpoint", "random",
                                                      "--model", "vision_tiny", "--steps", "3",
-                                                     "--labels-per-class", "1"))
+                                                     "--labels-per-class", "1", "--batch-size", "16"))
     assert code == 0, err
     result = EvalResult.model_validate_json(out)
     labelled = result.data.labelled
