@@ -317,6 +317,49 @@ def _class_image(rng: np.random.Generator, width: int, height: int, label: int, 
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
+# Visual words: pictures are 8x8 mosaics of flat tiles, each tile one "word" (a colour). Every
+# class (family) has WORDS_PER_FAMILY words of its own, and all classes share FILLER_TILES filler
+# colours, as text's topics share function words. The labelled `train` split uses only the first
+# half of each family's words, `val` only the second half, and the `unlabeled` pool all of them:
+# nothing in a val picture looks like the train pictures of its class, so only what an encoder
+# learned from the pool (which colours share pictures) carries the labels over, as topic words
+# do for text. Colours are spread over the RGB cube at random, so no linear rule on colour
+# separates the families.
+WORD_TILES, WORDS_PER_FAMILY, FILLER_TILES = 8, 12, 8
+
+
+def _word_colours(families: int) -> np.ndarray:
+    """(families * WORDS_PER_FAMILY + FILLER_TILES, 3) distinct colours, the same for every corpus."""
+    rng = np.random.default_rng(20261203)
+    colours: list[np.ndarray] = []
+    while len(colours) < families * WORDS_PER_FAMILY + FILLER_TILES:
+        c = rng.uniform(20, 235, 3)
+        if all(np.abs(c - o).sum() > 60 for o in colours):
+            colours.append(c)
+    return np.stack(colours)
+
+
+def _words_image(rng: np.random.Generator, label: int, families: int, half: str | None,
+                 family_share: float = 0.4, size: int = 64) -> Image.Image:
+    """A WORD_TILES x WORD_TILES mosaic: each tile a word of the picture's family (of `half`:
+    "seen", "unseen" or None for all) with probability `family_share`, else a filler colour."""
+    colours = _word_colours(families)
+    first = label * WORDS_PER_FAMILY
+    words = np.arange(first, first + WORDS_PER_FAMILY)
+    if half is not None:
+        words = words[: WORDS_PER_FAMILY // 2] if half == "seen" else words[WORDS_PER_FAMILY // 2:]
+    fillers = np.arange(families * WORDS_PER_FAMILY, len(colours))
+    n = WORD_TILES * WORD_TILES
+    chosen = np.where(rng.random(n) < family_share, rng.choice(words, n), rng.choice(fillers, n))
+    if not np.isin(chosen, words).any():
+        chosen[int(rng.integers(0, n))] = rng.choice(words)
+    tiles = colours[chosen] * rng.uniform(0.85, 1.15, (n, 1))  # each tile a little lighter or darker
+    tile = size // WORD_TILES
+    pixels = np.repeat(np.repeat(tiles.reshape(WORD_TILES, WORD_TILES, 3), tile, 0), tile, 1)
+    pixels = pixels + rng.normal(0, 6, pixels.shape)
+    return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+
+
 def _encode(img: Image.Image, fmt: str = "JPEG") -> bytes:
     buf = io.BytesIO()
     if fmt == "JPEG":
@@ -345,12 +388,16 @@ def make_imagenet(
     seed: int = 0,
     size_range: tuple[int, int] = (40, 96),
     faults: bool = False,
-    learnable: bool = False,
+    learnable: bool | str = False,
+    unlabelled: int = 0,
 ) -> CorpusSpec:
     """Write an ImageNet-style tree: Kaggle `ilsvrc` layout or torchvision `imagefolder`.
 
     `learnable`: each picture shows its class (a hue and a shape of its own, jittered), so a
-    linear probe on a small encoder can beat chance; otherwise pictures are unrelated to labels.
+    linear probe on a small encoder can beat chance; `learnable="words"`: 64 px mosaics of visual
+    words (see `WORD_TILES`), where only pre-training on the `unlabelled` pictures of an
+    `unlabeled/` split folder (imagefolder layout) links train's words to val's; otherwise
+    pictures are unrelated to labels.
 
     `ilsvrc`: `ILSVRC/Data/CLS-LOC/train/WNID/WNID_N.JPEG`, flat
     `ILSVRC/Data/CLS-LOC/val/ILSVRC2012_val_NNNNNNNN.JPEG` labelled by
@@ -364,6 +411,8 @@ def make_imagenet(
     """
     if layout not in ("ilsvrc", "imagefolder"):
         raise ValueError(f"layout must be 'ilsvrc' or 'imagefolder', not {layout!r}")
+    if unlabelled and layout != "imagefolder":
+        raise ValueError("unlabelled pictures need layout='imagefolder' (an unlabeled/ split folder)")
     if classes < 1:
         raise ValueError("need at least one class")
     source = Path(root).absolute()
@@ -382,6 +431,10 @@ def make_imagenet(
     def picture(key: str, minimum: int = 0, wnid: str | None = None) -> Image.Image:
         irng = _rng(seed, key)
         w, h = (max(int(v), minimum) for v in irng.integers(lo, hi + 1, 2))
+        if learnable == "words":
+            label = ordered.index(wnid) if wnid in ordered else int(irng.integers(0, classes))
+            half = None if key.startswith("unlabeled/") else "unseen" if "val/" in key else "seen"
+            return _words_image(irng, label, classes, half)
         if learnable and wnid in ordered:
             return _class_image(irng, w, h, ordered.index(wnid), classes)
         return _image(irng, w, h)
@@ -451,12 +504,18 @@ def make_imagenet(
             rel = f"val/{label}/ILSVRC2012_val_{i + 1:08d}.JPEG"
             out.bytes(rel, _encode(picture(rel, wnid=label)))
 
+    for n in range(unlabelled):  # flat in the split folder: no class
+        rel = f"unlabeled/u{n:06d}.JPEG"
+        out.bytes(rel, _encode(picture(rel)))
+
     rejects: dict[str, int] = {}
     for reason in fault_map.values():
         if reason != "converted":
             rejects[reason] = rejects.get(reason, 0) + 1
     converted = sum(r == "converted" for r in fault_map.values())
     splits = {"train": classes * train_per_class + converted, "val": n_val}
+    if unlabelled:
+        splits["unlabeled"] = unlabelled
     accepted = sum(splits.values())
     rejected = sum(rejects.values())
     return CorpusSpec(

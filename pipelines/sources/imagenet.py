@@ -3,7 +3,8 @@
 ILSVRC: `ILSVRC/Data/CLS-LOC/train/WNID/WNID_N.JPEG`, a flat `val/` labelled by
 `LOC_val_solution.csv` (first wnid of PredictionString), class index = position of the wnid in
 the sorted wnids of `LOC_synset_mapping.txt`. ImageFolder: `train/WNID/*`, `val/WNID/*`, classes
-from the sorted wnid folders of train. Every image is decoded at build time; files that are not
+from the sorted wnid folders of train; other split folders may sit beside them, and pictures directly
+in a split folder are unlabelled (label -1), as STL-10's `unlabeled/` pool to pre-train on. Every image is decoded at build time; files that are not
 RGB JPEGs (real ImageNet has PNGs and CMYK JPEGs named .JPEG) are re-encoded as RGB JPEG.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import posixpath
+import re
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -21,6 +23,7 @@ from pipelines.storage import Location, StorageError, check_readable
 ILSVRC_ROOT = "ILSVRC/Data/CLS-LOC"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 JPEG_QUALITY = 95
+UNLABELLED = -1  # the label of a picture outside any class folder
 
 
 @dataclass(frozen=True)
@@ -39,9 +42,10 @@ class ImageNetSource(Source):
             raise ValueError(f"--image-size {self.image_size} is not a multiple of --patch-size {self.patch_size}")
         if self.resize_shorter is not None and self.resize_shorter < 1:
             raise ValueError("--resize-shorter must be a positive number of pixels")
-        unknown = [s for s in self.splits if s not in ("train", "val")]
-        if unknown or not self.splits:
-            raise ValueError(f"--splits: expected train and/or val, got {', '.join(self.splits) or 'nothing'}")
+        odd = [s for s in self.splits if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", s)]
+        if odd or not self.splits:
+            raise ValueError(f"--splits: expected split folder names such as train,val, got "
+                             f"{', '.join(self.splits) or 'nothing'}")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -68,6 +72,9 @@ class ImageNetSource(Source):
         fs, root = check_readable(self.location)
         ilsvrc = posixpath.join(root, ILSVRC_ROOT)
         if fs.isdir(ilsvrc):
+            unknown = [s for s in self.splits if s not in ("train", "val")]
+            if unknown:
+                raise ValueError(f"--splits {','.join(unknown)}: the ILSVRC layout has train and val only")
             classes = _ilsvrc_classes(fs, root)
             rows, rejects = [], []
             for split in self.splits:
@@ -151,7 +158,8 @@ def _folder_classes(fs, root: str, splits: tuple[str, ...]) -> list[str]:
 
 
 def _class_folders(fs, root: str, folder: str, split: str, classes: list[str]) -> tuple[list[dict], list[Reject]]:
-    """Items of `root/folder/WNID/*`: rows for known classes, rejects for the rest."""
+    """Items of `root/folder/WNID/*`: rows for known classes, rejects for the rest; pictures directly
+    in `root/folder` are unlabelled rows."""
     base = posixpath.join(root, folder)
     if not fs.isdir(base):
         raise StorageError(f"split folder {base} does not exist")
@@ -160,10 +168,13 @@ def _class_folders(fs, root: str, folder: str, split: str, classes: list[str]) -
     for path, info in sorted(fs.find(base, detail=True).items()):
         relative = posixpath.relpath(path, root)
         parts = posixpath.relpath(path, base).split("/")
-        if len(parts) != 2 or not _is_image(parts[1]):
+        if len(parts) > 2 or not _is_image(parts[-1]):
             continue
-        wnid = parts[0]
-        row = {"id": _key(parts[1]), "split": split, "path": relative, "bytes": int(info.get("size") or 0), "wnid": wnid}
+        wnid = parts[0] if len(parts) == 2 else ""
+        row = {"id": _key(parts[-1]), "split": split, "path": relative, "bytes": int(info.get("size") or 0), "wnid": wnid}
+        if not wnid:
+            rows.append({**row, "label": UNLABELLED})
+            continue
         if wnid not in label_of:
             rejects.append(_reject(row, "scan", "unknown_class", f"{relative}: class {wnid} is not among the {len(classes)} known classes"))
             continue
