@@ -317,45 +317,42 @@ def _class_image(rng: np.random.Generator, width: int, height: int, label: int, 
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
-# Visual words: pictures are 8x8 mosaics of flat tiles, each tile one "word" (a colour). Every
+# Visual words: pictures are 8x8 mosaics of tiles, each tile one "word" (a 4x4 pattern of colours). Every
 # class (family) has WORDS_PER_FAMILY words of its own, and all classes share FILLER_TILES filler
 # colours, as text's topics share function words. The labelled `train` split uses only the first
 # half of each family's words, `val` only the second half, and the `unlabeled` pool all of them:
 # nothing in a val picture looks like the train pictures of its class, so only what an encoder
 # learned from the pool (which colours share pictures) carries the labels over, as topic words
-# do for text. Colours are spread over the RGB cube at random, so no linear rule on colour
-# separates the families.
+# do for text. Patterns are drawn at random, so nothing visual tells the families apart.
 WORD_TILES, WORDS_PER_FAMILY, FILLER_TILES = 8, 12, 8
 
 
-def _word_colours(families: int) -> np.ndarray:
-    """(families * WORDS_PER_FAMILY + FILLER_TILES, 3) distinct colours, the same for every corpus."""
+def _word_patterns(families: int) -> np.ndarray:
+    """(families * WORDS_PER_FAMILY + FILLER_TILES, 4, 4, 3) random 4x4 colour patterns, one per word,
+    the same for every corpus."""
     rng = np.random.default_rng(20261203)
-    colours: list[np.ndarray] = []
-    while len(colours) < families * WORDS_PER_FAMILY + FILLER_TILES:
-        c = rng.uniform(20, 235, 3)
-        if all(np.abs(c - o).sum() > 60 for o in colours):
-            colours.append(c)
-    return np.stack(colours)
+    return rng.uniform(20, 235, (families * WORDS_PER_FAMILY + FILLER_TILES, 4, 4, 3))
 
 
 def _words_image(rng: np.random.Generator, label: int, families: int, half: str | None,
                  family_share: float = 0.4, size: int = 64) -> Image.Image:
     """A WORD_TILES x WORD_TILES mosaic: each tile a word of the picture's family (of `half`:
-    "seen", "unseen" or None for all) with probability `family_share`, else a filler colour."""
-    colours = _word_colours(families)
+    "seen", "unseen" or None for all) with probability `family_share`, else a filler word."""
+    patterns = _word_patterns(families)
     first = label * WORDS_PER_FAMILY
     words = np.arange(first, first + WORDS_PER_FAMILY)
     if half is not None:
         words = words[: WORDS_PER_FAMILY // 2] if half == "seen" else words[WORDS_PER_FAMILY // 2:]
-    fillers = np.arange(families * WORDS_PER_FAMILY, len(colours))
+    fillers = np.arange(families * WORDS_PER_FAMILY, len(patterns))
     n = WORD_TILES * WORD_TILES
     chosen = np.where(rng.random(n) < family_share, rng.choice(words, n), rng.choice(fillers, n))
     if not np.isin(chosen, words).any():
         chosen[int(rng.integers(0, n))] = rng.choice(words)
-    tiles = colours[chosen] * rng.uniform(0.85, 1.15, (n, 1))  # each tile a little lighter or darker
-    tile = size // WORD_TILES
-    pixels = np.repeat(np.repeat(tiles.reshape(WORD_TILES, WORD_TILES, 3), tile, 0), tile, 1)
+    tiles = patterns[chosen] * rng.uniform(0.9, 1.1, (n, 1, 1, 1))  # each tile a little lighter or darker
+    cell = size // WORD_TILES // 4
+    grid = tiles.reshape(WORD_TILES, WORD_TILES, 4, 4, 3).transpose(0, 2, 1, 3, 4).reshape(WORD_TILES * 4,
+                                                                                            WORD_TILES * 4, 3)
+    pixels = np.repeat(np.repeat(grid, cell, 0), cell, 1)
     pixels = pixels + rng.normal(0, 6, pixels.shape)
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
 
