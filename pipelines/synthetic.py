@@ -15,6 +15,7 @@ import io
 import os
 import zlib
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -317,21 +318,23 @@ def _class_image(rng: np.random.Generator, width: int, height: int, label: int, 
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8), "RGB")
 
 
-# Visual words: pictures are 8x8 mosaics of tiles, each tile one "word" (a 4x4 pattern of colours). Every
-# class (family) has WORDS_PER_FAMILY words of its own, and all classes share FILLER_TILES filler
-# colours, as text's topics share function words. The labelled `train` split uses only the first
+# Visual words: pictures are 8x8 mosaics of tiles, each tile one "word" (a 4x4 pattern of colours).
+# Every class (family) has WORDS_PER_FAMILY words of its own, and all classes share FILLER_TILES
+# filler words, as text's topics share function words. The labelled `train` split uses only the first
 # half of each family's words, `val` only the second half, and the `unlabeled` pool all of them:
 # nothing in a val picture looks like the train pictures of its class, so only what an encoder
-# learned from the pool (which colours share pictures) carries the labels over, as topic words
+# learned from the pool (which words share pictures) carries the labels over, as topic words
 # do for text. Patterns are drawn at random, so nothing visual tells the families apart.
 WORD_TILES, WORDS_PER_FAMILY, FILLER_TILES = 8, 12, 8
 
 
+@lru_cache(maxsize=8)
 def _word_patterns(families: int) -> np.ndarray:
     """(families * WORDS_PER_FAMILY + FILLER_TILES, 4, 4, 3) random 4x4 colour patterns, one per word,
-    the same for every corpus."""
-    rng = np.random.default_rng(20261203)
-    return rng.uniform(20, 235, (families * WORDS_PER_FAMILY + FILLER_TILES, 4, 4, 3))
+    the same for every corpus (drawn once, read-only)."""
+    patterns = np.random.default_rng(20261203).uniform(20, 235, (families * WORDS_PER_FAMILY + FILLER_TILES, 4, 4, 3))
+    patterns.flags.writeable = False
+    return patterns
 
 
 def _words_image(rng: np.random.Generator, label: int, families: int, half: str | None,

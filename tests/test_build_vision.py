@@ -97,3 +97,30 @@ def test_memory_urls_work_in_process_and_are_refused_across_processes(tmp_path):
     assert verify(Location(url)).ok
     with pytest.raises(ValueError, match="--workers 0"):
         build_dataset(ImageNetSource(Location(spec.source)), Location(url), workers=2)
+
+
+def test_an_unlabeled_split_folder_builds_its_pictures_without_labels(tmp_path):
+    spec = synthetic.make_imagenet(str(tmp_path / "corpus"), layout="imagefolder", classes=3, seed=4, faults=True,
+                                   unlabelled=5, learnable="words")
+    out = tmp_path / "out"
+    dataset = build_dataset(ImageNetSource(Location(spec.source), ("unlabeled", "train", "val")), Location(str(out)),
+                            BuildOptions(ShardSize.parse("5"), mask_variants=1, seed=1), workers=0,
+                            echo=lambda *_: None)
+    assert dataset.source_items == spec.expected["items"] == dataset.samples + dataset.rejected
+    assert {name: s.samples for name, s in dataset.splits.items()} == spec.expected["splits"]
+    assert dataset.splits["unlabeled"].samples == 5 and dataset.classes == spec.expected["classes"]
+    labels = {}
+    for shard in dataset.shards:
+        for row in pq.read_table(out / shard.index, use_threads=False).to_pylist():
+            labels.setdefault(shard.split, set()).add((row["label"], row["wnid"]) if shard.split == "unlabeled"
+                                                      else row["label"] >= 0)
+    assert labels == {"unlabeled": {(-1, "")}, "train": {True}, "val": {True}}
+
+
+def test_split_names_are_checked(tmp_path):
+    with pytest.raises(ValueError, match="--splits: expected split folder names"):
+        ImageNetSource(Location(str(tmp_path)), ("train", "../elsewhere"))
+    spec = synthetic.make_imagenet(str(tmp_path / "corpus"), layout="ilsvrc", classes=2, seed=1)
+    with pytest.raises(ValueError, match="--splits unlabeled: the ILSVRC layout has train and val only"):
+        build_dataset(ImageNetSource(Location(spec.source), ("train", "unlabeled")), Location(str(tmp_path / "out")),
+                      BuildOptions(ShardSize.parse("5"), mask_variants=1, seed=1), workers=0, echo=lambda *_: None)

@@ -133,6 +133,17 @@ def test_mistakes_are_one_clear_line(data, capsys, one_torch_thread):
         assert code == 2 and message in err, (args, err)
 
 
+def test_an_unlabelled_split_is_refused_by_name(tmp_path, capsys, one_torch_thread):
+    spec = synthetic.make_imagenet(str(tmp_path / "corpus"), layout="imagefolder", classes=2, train_per_class=2,
+                                   val_per_class=1, unlabelled=3, seed=3, learnable="words")
+    build_dataset(ImageNetSource(Location(spec.source), ("unlabeled", "train", "val"), image_size=64, patch_size=8),
+                  Location(str(tmp_path / "data")), BuildOptions(ShardSize.parse("8"), mask_variants=1, seed=1),
+                  workers=0, echo=lambda *_: None)
+    code, _, err = _in_process(capsys, *_task_args("image-probe", str(tmp_path / "data"), "--checkpoint", "random",
+                                                   "--model", "vision_tiny", "--train-split", "unlabeled"))
+    assert code == 2 and "split 'unlabeled'" in err and "has unlabelled images" in err, err
+
+
 @pytest.mark.slow
 @pytest.mark.torchrun
 def test_torchrun_probe_scores_each_image_once_and_matches_one_process(data, probe_random):

@@ -351,3 +351,28 @@ def test_tiny_corpora_are_fast(tmp_path):
     make_imagenet(tmp_path / "if", layout="imagefolder", faults=True)
     make_text_corpus(tmp_path / "tx", faults=True)
     assert time.perf_counter() - start < 2.0
+
+
+def test_visual_words_show_half_of_a_family_per_labelled_split():
+    import numpy as np
+
+    from pipelines.synthetic import FILLER_TILES, WORD_TILES, WORDS_PER_FAMILY, _word_patterns, _words_image
+
+    families = 4
+    patterns = _word_patterns(families).reshape(families * WORDS_PER_FAMILY + FILLER_TILES, -1)
+    unit = patterns / np.linalg.norm(patterns, axis=1, keepdims=True)
+
+    def words_of(img):  # the nearest pattern of each tile (brightness-free: cosine)
+        cells = np.asarray(img, dtype=np.float64).reshape(WORD_TILES, 4, 2, WORD_TILES, 4, 2, 3).mean(axis=(2, 5))
+        tiles = cells.transpose(0, 2, 1, 3, 4).reshape(WORD_TILES * WORD_TILES, -1)
+        return set((tiles @ unit.T).argmax(axis=1).tolist())
+
+    fillers = set(range(families * WORDS_PER_FAMILY, len(patterns)))
+    first, half = 2 * WORDS_PER_FAMILY, WORDS_PER_FAMILY // 2
+    rng = np.random.default_rng(0)
+    seen = words_of(_words_image(rng, 2, families, "seen"))
+    unseen = words_of(_words_image(rng, 2, families, "unseen"))
+    pool = words_of(_words_image(rng, 2, families, None))
+    assert seen - fillers and seen - fillers <= set(range(first, first + half))
+    assert unseen - fillers and unseen - fillers <= set(range(first + half, first + WORDS_PER_FAMILY))
+    assert pool - fillers <= set(range(first, first + WORDS_PER_FAMILY)) and len(pool - fillers) > half

@@ -3,9 +3,10 @@
 ILSVRC: `ILSVRC/Data/CLS-LOC/train/WNID/WNID_N.JPEG`, a flat `val/` labelled by
 `LOC_val_solution.csv` (first wnid of PredictionString), class index = position of the wnid in
 the sorted wnids of `LOC_synset_mapping.txt`. ImageFolder: `train/WNID/*`, `val/WNID/*`, classes
-from the sorted wnid folders of train; other split folders may sit beside them, and pictures directly
-in a split folder are unlabelled (label -1), as STL-10's `unlabeled/` pool to pre-train on. Every image is decoded at build time; files that are not
-RGB JPEGs (real ImageNet has PNGs and CMYK JPEGs named .JPEG) are re-encoded as RGB JPEG.
+from the sorted wnid folders of train; other split folders may sit beside them, and pictures
+directly in a split folder are unlabelled (label -1), as STL-10's `unlabeled/` pool to pre-train
+on. Every image is decoded at build time; files that are not RGB JPEGs (real ImageNet has PNGs
+and CMYK JPEGs named .JPEG) are re-encoded as RGB JPEG.
 """
 from __future__ import annotations
 
