@@ -32,6 +32,16 @@ class DataConfig(_Strict):
     io_threads: int = Field(8, ge=1)
     cache_dir: str | None = None
     skip_bad_shards: bool = False
+    # images: RandomResizedCrop's area range and the flip probability (ImageNet's by default)
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    hflip: float = Field(0.5, ge=0, le=1)
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _crop_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError(f"{list(value)}: need 0 < min <= max <= 1")
+        return value
 
     @model_validator(mode="after")
     def _one_size(self) -> DataConfig:

@@ -26,6 +26,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
+from d2v_train.data.decode import ImageTransform
 from d2v_train.data.loader import STATE_VERSION, StreamingLoader
 from d2v_train.data.plan import BatchPolicy
 from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
@@ -84,6 +85,7 @@ class Trainer:
                                       io_threads=data.io_threads, cache_dir=data.cache_dir,
                                       skip_bad_shards=data.skip_bad_shards,
                                       image_size=getattr(cfg.model.frontend, "image_size", 224),
+                                      image_transform=ImageTransform(crop_scale=data.crop_scale, hflip=data.hflip),
                                       keep_empty_batches=True)
         self._check_epoch_fills_a_step()
         self.metrics = MetricsLog(cfg.run_dir, enabled=self.world.main)

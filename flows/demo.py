@@ -17,7 +17,13 @@ DEMO = {
     # draw the budgets from, 40 of other speakers to score
     "speech": {"max_steps": 2000, "shard_size": "4MB", "splits": ["train-other-500", "train-clean-100", "dev-clean"],
                "eval_budgets": ["1m", "all"], "eval_seeds": 3},
-    "vision": {"max_steps": 100, "eval_steps": 300, "shard_size": "4MB"},
+    # 800 unlabelled mosaics of visual words to pre-train on, 16 labelled ones per class showing half
+    # of each class's words, 16 per class to score showing only the other half
+    # (a crop or a mirror would change their words: pictures are used whole, as stored)
+    "vision": {"max_steps": 1000, "shard_size": "4MB", "splits": ["unlabeled", "train", "val"],
+               "eval_budgets": ["2", "all"], "eval_seeds": 3,
+               "train_overrides": ["data.batch_size=32", "data.crop_scale=[1.0,1.0]", "data.hflip=0"],
+               "eval_args": ["--crop-pct", "1"]},
     # 400 documents, each about one of two topics, to pre-train on; a GLUE-format SST-2 task that
     # labels sentences by topic, whose dev sentences use only topic words its train split never shows
     "text": {"max_steps": 600, "shard_size": "4MB", "vocab_size": 1000, "eval_budgets": ["16", "64", "all"],
@@ -32,8 +38,8 @@ def make_corpus(modality: str, root: str) -> tuple[str, dict]:
                                           seed=0, spoken=True, words=(2, 4), speakers=4, faults=True)
         return spec.source, {}
     if modality == "vision":
-        spec = synthetic.make_imagenet(root, classes=4, train_per_class=16, val_per_class=4, seed=0, faults=True,
-                                       learnable=True)
+        spec = synthetic.make_imagenet(root, layout="imagefolder", classes=4, train_per_class=16, val_per_class=16,
+                                       unlabelled=800, seed=0, faults=True, learnable="words")
         return spec.source, {}
     spec = synthetic.make_text_corpus(os.path.join(root, "corpus"), files=4, docs_per_file=100, seed=0, faults=True,
                                       topics=True)

@@ -109,8 +109,10 @@ def test_a_labels_per_class_budget_fine_tunes_on_that_many_of_each_class(data, c
     assert "batches of" in err and len(result.curve) == 3
     code, out, err = _in_process(capsys, *_task_args("image-probe", data, "--checkpoint", "random",
                                                      "--model", "vision_tiny", "--steps", "3",
-                                                     "--label-fraction", "0.5", "--subset-seed", "4"))
+                                                     "--label-fraction", "0.5", "--subset-seed", "4",
+                                                     "--crop-pct", "1"))
     assert code == 0, err
+    assert EvalResult.model_validate_json(out).hyperparameters["crop_pct"] == 1.0
     probe = EvalResult.model_validate_json(out).data.labelled
     assert probe.samples < CLASSES * TRAIN_PER_CLASS and probe.classes == CLASSES and probe.seed == 4
     code, _, err = _in_process(capsys, *_task_args("image-probe", data, "--checkpoint", "random", "--model",
@@ -127,6 +129,9 @@ def test_mistakes_are_one_clear_line(data, capsys, one_torch_thread):
         (_task_args("image-probe", data, "--checkpoint", "random", "--model", "speech_tiny"),
          "needs a vision encoder; the checkpoint's model is speech"),
         (_task_args("image-finetune", data, *random_tiny, "--layer-decay", "0"), "--layer-decay 0.0"),
+        (_task_args("image-probe", data, *random_tiny, "--crop-pct", "1.5"), "--crop-pct 1.5: need 0 < crop_pct <= 1"),
+        (_task_args("image-finetune", data, *random_tiny, "--crop-scale", "0.9,0.2"),
+         "--crop-scale (0.9, 0.2): need 0 < min <= max <= 1"),
     ]
     for args, message in cases:
         code, _, err = _in_process(capsys, *args)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from d2v_train.data.decode import ImageTransform
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.plan import BatchPolicy
 from pipelines import synthetic
@@ -216,3 +217,40 @@ def test_transient_store_errors_are_retried_and_the_epoch_is_identical(speech_da
     loader.close()
     assert [b["keys"] for b in flaky_batches] == [b["keys"] for b in clean]
     assert all(torch.equal(a["source"], b["source"]) for a, b in zip(flaky_batches, clean))
+
+
+def _images_by_key(location, train: bool, transform: ImageTransform, size: int) -> dict:
+    loader = StreamingLoader(location, "train", BatchPolicy(batch_size=4, shuffle=train), train=train, workers=1,
+                             image_size=size, image_transform=transform)
+    images = {key: image for batch in loader for key, image in zip(batch["keys"], batch["image"])}
+    loader.close()
+    return images
+
+
+def test_whole_picture_transforms_train_on_exactly_what_evaluation_scores(tmp_path):
+    """crop_scale (1, 1) without flips trains on the pictures that crop_pct 1 scores (square ones:
+    the generated mosaics); ImageNet's defaults crop, resize and flip them."""
+    spec = synthetic.make_imagenet(str(tmp_path / "corpus"), classes=2, train_per_class=4, val_per_class=0,
+                                   seed=3, size_range=(48, 48))
+    build_dataset(ImageNetSource(Location(spec.source), ("train",)), Location(str(tmp_path / "data")),
+                  BuildOptions(ShardSize.parse("4"), 1, 0), workers=0, echo=lambda *_: None)
+    location = Location(str(tmp_path / "data"))
+    whole = _images_by_key(location, True, ImageTransform(crop_scale=(1.0, 1.0), hflip=0.0), 48)
+    scored = _images_by_key(location, False, ImageTransform(crop_pct=1.0), 48)
+    cropped = _images_by_key(location, True, ImageTransform(), 48)
+    centre = _images_by_key(location, False, ImageTransform(), 48)
+    assert len(whole) == len(scored) == 8 and whole.keys() == scored.keys()
+    assert all(torch.equal(whole[k], scored[k]) for k in whole)
+    assert sum(not torch.equal(cropped[k], scored[k]) for k in whole) >= 6
+    assert all(not torch.equal(centre[k], scored[k]) for k in whole)  # 55 px resized, 48 kept
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"crop_scale": (0.5, 0.2)}, "crop_scale (0.5, 0.2): need 0 < min <= max <= 1"),
+    ({"crop_scale": (0.0, 1.0)}, "crop_scale (0.0, 1.0)"),
+    ({"hflip": 2.0}, "hflip 2.0: a probability"),
+    ({"crop_pct": 0.0}, "crop_pct 0.0"),
+])
+def test_image_transform_errors_name_the_setting(options, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        ImageTransform(**options)

@@ -472,6 +472,8 @@ def test_skipping_a_bad_shard_keeps_the_ranks_in_step(dataset, planned, tmp_path
     ("data.max_tokens=-1", "data.max_tokens"),
     ("model.encoder.dropout=2", "model.encoder.dropout"),
     ("guard.nonfinite=ignore", "guard.nonfinite"),
+    ("data.crop_scale=[0.5,0.2]", "data.crop_scale"),
+    ("data.hflip=1.5", "data.hflip"),
 ])
 def test_a_wrong_config_exits_2_naming_the_field(override, field, capsys):
     from d2v_train.main import main

@@ -59,7 +59,8 @@ class StreamingLoader:
     def __init__(self, location: Location | str, split: str, policy: BatchPolicy, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, train: bool = True, workers: int = 4, prefetch: int = 2,
                  io_threads: int = 8, retries: int = 5, cache_dir: str | None = None, skip_bad_shards: bool = False,
-                 image_size: int = 224, keep_empty_batches: bool = False) -> None:
+                 image_size: int = 224, image_transform: decode.ImageTransform | None = None,
+                 keep_empty_batches: bool = False) -> None:
         """``keep_empty_batches``: a batch whose samples all came from skipped bad shards is still
         handed out, as {"keys": [], "skipped": n, ...}, so that every rank sees the same number of
         batches (a trainer's ranks must step together); by default it is left out."""
@@ -70,6 +71,7 @@ class StreamingLoader:
         self.split, self.policy, self.rank, self.world_size = split, policy, rank, world_size
         self.seed, self.train, self.workers, self.prefetch = seed, train, max(1, workers), max(1, prefetch)
         self.image_size, self.keep_empty_batches = image_size, keep_empty_batches
+        self.image_transform = image_transform or decode.ImageTransform()  # ImageNet's by default
         dataset = self.index.dataset
         if dataset.modality == "speech" and policy.max_tokens is None and policy.crop:
             raise ValueError("speech training batches are planned by --max-tokens")
@@ -181,10 +183,11 @@ class StreamingLoader:
             audio = sum(len(wav) for wav, _ in items) / self.frame_grid.sample_rate
             self.throughput.add(len(items), audio_seconds=audio)
         elif modality == "vision":
-            rngs = rng.spawn(len(keep))
+            rngs, tf = rng.spawn(len(keep)), self.image_transform
             items = [decode.decode_image(fetched[j].data, fetched[j].mask, variant=variant, train=self.train,
-                                         rng=r, size=self.image_size, eval_resize=round(self.image_size * 256 / 224))
-                     for j, r in zip(keep, rngs)]  # eval keeps ImageNet's 224/256 crop ratio at any size
+                                         rng=r, size=self.image_size, scale=tf.crop_scale, hflip=tf.hflip,
+                                         eval_resize=tf.eval_resize(self.image_size))
+                     for j, r in zip(keep, rngs)]
             labels = [int(columns["label"][plan.samples[j]]) for j in keep]
             batch = collate.collate_images(items, keys, labels)
             self.throughput.add(len(items))

@@ -99,6 +99,14 @@ def _speech_ctc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--layer-drop", type=float, default=0.05)
 
 
+def _crop_range(text: str) -> tuple[float, float]:
+    try:
+        lo, hi = (float(part) for part in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: give MIN,MAX, e.g. 0.08,1") from None
+    return lo, hi
+
+
 def _image_arguments(parser: argparse.ArgumentParser) -> None:
     budget = parser.add_mutually_exclusive_group()
     budget.add_argument("--labels-per-class", type=int, default=None,
@@ -106,6 +114,11 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--label-fraction", type=float, default=None,
                         help="labelled-data budget: this fraction of each class (0.01, 0.1: ImageNet's 1%% and 10%%)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
+    parser.add_argument("--crop-pct", type=float, default=224 / 256,
+                        help="scored pictures: centre crop / resized shorter side (1: the whole picture)")
+    parser.add_argument("--crop-scale", type=_crop_range, default=(0.08, 1.0), metavar="MIN,MAX",
+                        help="fine-tuning pictures: RandomResizedCrop's area range (1,1: the whole picture)")
+    parser.add_argument("--hflip", type=float, default=0.5, help="fine-tuning pictures: flip probability")
     parser.add_argument("--weight-decay", type=float, default=None, help="task default if omitted")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="fine-tuning only")
     parser.add_argument("--layer-decay", type=float, default=0.65,

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v_train.config import OptimConfig
+from d2v_train.data.decode import ImageTransform
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.plan import BatchPolicy
 from d2v_train.distributed import World
@@ -86,13 +87,23 @@ def _loader(args, world: World, split: str, batch_size: int, image_size: int, *,
     the tail padded (padding batches are skipped) so every image is scored exactly once."""
     policy = BatchPolicy(batch_size=batch_size, shuffle=train, tail="drop" if train else "pad")
     loader = StreamingLoader(Location(args.data), split, policy, rank=world.rank, world_size=world.size,
-                             seed=args.seed, train=train, workers=args.workers, image_size=image_size)
+                             seed=args.seed, train=train, workers=args.workers, image_size=image_size,
+                             image_transform=image_transform(args))
     labels = loader.index.columns["label"]
     if len(labels) == 0 or (labels < 0).any():
         loader.close()
         problem = "is empty" if len(labels) == 0 else "has unlabelled images"
         raise ValueError(f"split {split!r} of {args.data} {problem}")
     return loader
+
+
+def image_transform(args) -> ImageTransform:
+    """--crop-scale, --hflip (fine-tuning) and --crop-pct (scoring); a bad value names its option."""
+    try:
+        return ImageTransform(crop_scale=tuple(args.crop_scale), hflip=args.hflip, crop_pct=args.crop_pct)
+    except ValueError as e:
+        option = next(o for o in ("crop_scale", "hflip", "crop_pct") if str(e).startswith(o))
+        raise ValueError(f"--{option.replace('_', '-')} {str(e)[len(option) + 1:]}") from None
 
 
 def labelled_subset(args, loader: StreamingLoader) -> labelled.Subset:
@@ -207,7 +218,7 @@ def _probe(args, world: World, backbone, image_size: int, classes: int) -> EvalR
         data=_data_ref(args, train_loader, len(eval_y), subset), steps=steps, world_size=world.size, seed=args.seed,
         hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "schedule": "cosine",
                          "probe_batch": min(PROBE_BATCH, len(train_y)), "image_size": image_size,
-                         "features": "mean of final patch tokens, standardised", "classes": classes},
+                         "crop_pct": args.crop_pct, "features": "mean of final patch tokens, standardised", "classes": classes},
         curve=curve,
     )
 
@@ -337,6 +348,7 @@ def _finetune(args, world: World, backbone, image_size: int, classes: int) -> Ev
         hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
                          "global_batch": batch_size * world.size, "layer_decay": args.layer_decay,
                          "label_smoothing": args.label_smoothing, "schedule": "cosine", "warmup": cfg.warmup,
-                         "betas": list(cfg.betas), "image_size": image_size, "classes": classes},
+                         "betas": list(cfg.betas), "image_size": image_size, "classes": classes,
+                         "crop_scale": list(args.crop_scale), "hflip": args.hflip, "crop_pct": args.crop_pct},
         curve=curve,
     )
