@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from d2v_train.data.transforms import ImageTransform
 from d2v_train.models.config import ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -33,14 +34,13 @@ class DataConfig(_Strict):
     cache_dir: str | None = None
     skip_bad_shards: bool = False
     # images: RandomResizedCrop's area range and the flip probability (ImageNet's by default)
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    hflip: float = Field(0.5, ge=0, le=1)
+    crop_scale: tuple[float, float] = ImageTransform.crop_scale
+    hflip: float = ImageTransform.hflip
 
-    @field_validator("crop_scale")
+    @field_validator("crop_scale", "hflip")
     @classmethod
-    def _crop_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1] <= 1:
-            raise ValueError(f"{list(value)}: need 0 < min <= max <= 1")
+    def _image_transform(cls, value, info):
+        ImageTransform(**{info.field_name: value})  # the loader's own check
         return value
 
     @model_validator(mode="after")

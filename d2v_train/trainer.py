@@ -26,9 +26,9 @@ from torch.distributed.checkpoint.state_dict import (
 
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
-from d2v_train.data.decode import ImageTransform
 from d2v_train.data.loader import STATE_VERSION, StreamingLoader
 from d2v_train.data.plan import BatchPolicy
+from d2v_train.data.transforms import ImageTransform
 from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
 from d2v_train.models.data2vec import build_model

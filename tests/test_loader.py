@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from d2v_train.data.decode import ImageTransform
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.plan import BatchPolicy
+from d2v_train.data.transforms import ImageTransform
 from pipelines import synthetic
 from pipelines.build import BuildOptions, build_dataset
 from pipelines.plan import ShardSize

@@ -11,7 +11,6 @@ import io
 import math
 import os
 import re
-from dataclasses import dataclass
 
 import numpy as np
 import soundfile
@@ -19,7 +18,7 @@ from PIL import Image
 
 from schemas.dataset import FrameGrid
 
-__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "ImageTransform", "decode_speech", "decode_image", "decode_tokens",
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "decode_speech", "decode_image", "decode_tokens",
            "random_resized_crop", "load_npy"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -175,30 +174,6 @@ def _reduction(shorter: int, needed: int) -> int:
         if shorter // r >= needed:
             return r
     return 1
-
-
-@dataclass(frozen=True)
-class ImageTransform:
-    """How a loader turns stored pictures into model inputs. The defaults are ImageNet's; pictures
-    whose content sits on the patch grid (the generated visual-word mosaics) want
-    ``crop_scale=(1, 1)``, ``hflip=0`` and ``crop_pct=1``: a crop or a mirror would change them."""
-
-    crop_scale: tuple[float, float] = (0.08, 1.0)  # training: RandomResizedCrop's range of area fractions
-    hflip: float = 0.5  # training: probability of a horizontal flip
-    crop_pct: float = 224 / 256  # evaluation: centre crop / resized shorter side
-
-    def __post_init__(self):
-        lo, hi = self.crop_scale
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"crop_scale {self.crop_scale}: need 0 < min <= max <= 1")
-        if not 0 <= self.hflip <= 1:
-            raise ValueError(f"hflip {self.hflip}: a probability in [0, 1]")
-        if not 0 < self.crop_pct <= 1:
-            raise ValueError(f"crop_pct {self.crop_pct}: need 0 < crop_pct <= 1")
-
-    def eval_resize(self, size: int) -> int:
-        """The shorter side evaluation resizes to before its centre crop of ``size``."""
-        return max(size, round(size / self.crop_pct))
 
 
 def decode_image(jpeg: bytes, mask_npy: bytes, *, variant: int, train: bool, rng: np.random.Generator | None = None,

@@ -20,6 +20,7 @@ from d2v_train.data import collate, decode
 from d2v_train.data.index import SplitIndex
 from d2v_train.data.plan import BatchPolicy, GlobalBatch, plan_epoch, rank_batch_numbers
 from d2v_train.data.reader import SampleRequest, ShardReader
+from d2v_train.data.transforms import ImageTransform
 from pipelines.storage import Location
 from schemas import FrameGrid
 from schemas.arrow import DATA_SUFFIX
@@ -59,7 +60,7 @@ class StreamingLoader:
     def __init__(self, location: Location | str, split: str, policy: BatchPolicy, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, train: bool = True, workers: int = 4, prefetch: int = 2,
                  io_threads: int = 8, retries: int = 5, cache_dir: str | None = None, skip_bad_shards: bool = False,
-                 image_size: int = 224, image_transform: decode.ImageTransform | None = None,
+                 image_size: int = 224, image_transform: ImageTransform | None = None,
                  keep_empty_batches: bool = False) -> None:
         """``keep_empty_batches``: a batch whose samples all came from skipped bad shards is still
         handed out, as {"keys": [], "skipped": n, ...}, so that every rank sees the same number of
@@ -71,7 +72,7 @@ class StreamingLoader:
         self.split, self.policy, self.rank, self.world_size = split, policy, rank, world_size
         self.seed, self.train, self.workers, self.prefetch = seed, train, max(1, workers), max(1, prefetch)
         self.image_size, self.keep_empty_batches = image_size, keep_empty_batches
-        self.image_transform = image_transform or decode.ImageTransform()  # ImageNet's by default
+        self.image_transform = image_transform or ImageTransform()  # ImageNet's by default
         dataset = self.index.dataset
         if dataset.modality == "speech" and policy.max_tokens is None and policy.crop:
             raise ValueError("speech training batches are planned by --max-tokens")

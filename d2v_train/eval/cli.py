@@ -6,6 +6,8 @@ import argparse
 import time
 from importlib import import_module
 
+from d2v_train.data.transforms import ImageTransform
+
 # task -> module with evaluate(args, world, backbone) -> EvalResult (its options: TASK_ARGUMENTS)
 TASKS = {
     "speech-ctc": "d2v_train.eval.speech_ctc",
@@ -114,11 +116,11 @@ def _image_arguments(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--label-fraction", type=float, default=None,
                         help="labelled-data budget: this fraction of each class (0.01, 0.1: ImageNet's 1%% and 10%%)")
     parser.add_argument("--image-size", type=int, default=None, help="default: the model's")
-    parser.add_argument("--crop-pct", type=float, default=224 / 256,
+    parser.add_argument("--crop-pct", type=float, default=ImageTransform.crop_pct,
                         help="scored pictures: centre crop / resized shorter side (1: the whole picture)")
-    parser.add_argument("--crop-scale", type=_crop_range, default=(0.08, 1.0), metavar="MIN,MAX",
+    parser.add_argument("--crop-scale", type=_crop_range, default=ImageTransform.crop_scale, metavar="MIN,MAX",
                         help="fine-tuning pictures: RandomResizedCrop's area range (1,1: the whole picture)")
-    parser.add_argument("--hflip", type=float, default=0.5, help="fine-tuning pictures: flip probability")
+    parser.add_argument("--hflip", type=float, default=ImageTransform.hflip, help="fine-tuning pictures: flip probability")
     parser.add_argument("--weight-decay", type=float, default=None, help="task default if omitted")
     parser.add_argument("--label-smoothing", type=float, default=0.1, help="fine-tuning only")
     parser.add_argument("--layer-decay", type=float, default=0.65,

@@ -25,9 +25,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from d2v_train.config import OptimConfig
-from d2v_train.data.decode import ImageTransform
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.plan import BatchPolicy
+from d2v_train.data.transforms import ImageTransform
 from d2v_train.distributed import World
 from d2v_train.eval import finetune, labelled, runtime
 from d2v_train.eval.metrics import topk_correct
