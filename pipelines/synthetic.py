@@ -134,6 +134,65 @@ def _spoken_signal(rng: np.random.Generator, text: str, sr: int = SAMPLE_RATE, c
     return pcm[:, 0] if channels == 1 else pcm
 
 
+# Voiced letters: 20 letters are vowel-like (two formants, F1 x F2 from these grids), the other 7
+# fricative-like (a band of noise). A voice changes pitch, rate, formant scale (vocal-tract length),
+# spectral tilt and breathiness, none of which changes a letter: only the spectral envelope's peaks
+# say which it is, as formants do in speech.
+_FORMANTS = [(f1, f2) for f1 in (300, 430, 610, 850) for f2 in (950, 1250, 1650, 2150, 2800)]
+_FRICATIVES = (2600, 3200, 3900, 4700, 5500, 6300, 7200)
+
+
+def _voice(rng: np.random.Generator) -> dict[str, float]:
+    """A speaker's voice: f0 (Hz), rate (duration factor), tract (formant factor), tilt, breath."""
+    return {"f0": float(rng.uniform(90, 240)), "rate": float(rng.uniform(0.75, 1.3)),
+            "tract": float(rng.uniform(0.93, 1.07)), "tilt": float(rng.uniform(0.0, 0.4)),
+            "breath": float(rng.uniform(0.002, 0.02))}
+
+
+def _voiced_letter(rng: np.random.Generator, letter: int, voice: dict, n: int, sr: int) -> np.ndarray:
+    """`n` samples of one letter in `voice`, unit RMS: formant-shaped harmonics of the voice's
+    pitch (with vibrato), or for a fricative a band of noise around its centre."""
+    t = np.arange(n) / sr
+    if letter >= len(_FORMANTS):
+        centre = _FRICATIVES[letter - len(_FORMANTS)] * voice["tract"]
+        spectrum = np.fft.rfft(rng.standard_normal(n))
+        spectrum[np.abs(np.fft.rfftfreq(n, 1 / sr) - centre) > 0.08 * centre] = 0
+        wave = np.fft.irfft(spectrum, n)
+    else:
+        formants = np.array(_FORMANTS[letter], dtype=float) * voice["tract"]
+        f0 = voice["f0"] * (1 + 0.04 * np.sin(2 * np.pi * rng.uniform(2, 5) * t + rng.uniform(0, 2 * np.pi)))
+        phase = 2 * np.pi * np.cumsum(f0) / sr
+        k = np.arange(1, int(4000 // voice["f0"]) + 1)
+        fk = k[:, None] * voice["f0"]
+        # each formant a resonance of bandwidth ~8% (wide enough that a 240 Hz voice's harmonics sample it)
+        gain = 0.01 + np.exp(-0.5 * ((fk - formants) / (0.08 * formants + 50)) ** 2).sum(axis=1)
+        wave = ((gain * k ** -voice["tilt"])[:, None] * np.sin(k[:, None] * phase)).sum(axis=0)
+    return wave / max(np.sqrt(np.mean(wave ** 2)), 1e-9)
+
+
+def _voices_signal(rng: np.random.Generator, text: str, voice: dict, sr: int = SAMPLE_RATE,
+                   channels: int = 1) -> np.ndarray:
+    """int16 audio of `voice` saying `text`, one vowel- or fricative-like letter at a time (60-100 ms
+    times the voice's rate, 20 ms apart, words 120 ms apart): learnable by CTC, but the same letter
+    sounds different from every voice, as speech does."""
+    rate = voice["rate"]
+    pieces = [np.zeros(int(0.1 * sr))]
+    for w, word in enumerate(text.split()):
+        if w:
+            pieces.append(np.zeros(int(0.12 * rate * sr)))
+        for letter in word:
+            n = int(rng.uniform(0.06, 0.10) * rate * sr)
+            t = np.arange(n) / sr
+            envelope = np.minimum(1.0, np.minimum(t, t[::-1]) / 0.01)
+            pieces.append(envelope * _voiced_letter(rng, LETTERS.index(letter), voice, n, sr))
+            pieces.append(np.zeros(int(0.02 * rate * sr)))
+    pieces.append(np.zeros(int(0.1 * sr)))
+    mono = 0.15 * np.concatenate(pieces)
+    out = np.stack([mono + voice["breath"] * rng.standard_normal(mono.size) for _ in range(channels)], axis=1)
+    pcm = np.clip(out * 32767, -32768, 32767).astype(np.int16)
+    return pcm[:, 0] if channels == 1 else pcm
+
+
 def _flac_bytes(pcm: np.ndarray, sr: int) -> bytes:
     buf = io.BytesIO()
     sf.write(buf, pcm, sr, format="FLAC", subtype="PCM_16")
@@ -146,42 +205,51 @@ def make_librispeech(
     *,
     seed: int = 0,
     seconds: tuple[float, float] = (2.0, 6.0),
-    speakers: int = 2,
+    speakers: int | dict[str, int] = 2,
     chapters_per_speaker: int = 2,
     faults: bool = False,
     spoken: bool = False,
     words: tuple[int, int] = (4, 20),
+    voices: bool = False,
 ) -> CorpusSpec:
     """Write `root/LibriSpeech/SUBSET/SPEAKER/CHAPTER/...` as the real tarballs extract.
 
     Transcripts have `words` (min, max) words. `spoken`: the audio says its transcript in a toy
     letter-tone language (learnable by CTC; lengths follow the text, `seconds` is ignored);
-    otherwise it is speech-like audio unrelated to the text.
+    otherwise it is speech-like audio unrelated to the text. `voices` (with `spoken`): every
+    speaker has a voice of its own (pitch, rate, formant scale, tilt) and letters are formant
+    patterns, so a model must hear past the voice (`_voices_signal`).
 
     `subsets` maps a subset name (e.g. `train-clean-100`) to its number of good
-    utterances, spread over `speakers` x `chapters_per_speaker` chapters; speaker
+    utterances, spread over `speakers` (a count, or one per subset) x `chapters_per_speaker` chapters; speaker
     and chapter ids are unique across subsets, as in the real corpus. With
     `faults`, the first chapter of the first subset also gets one truncated,
     one empty, one 8 kHz and one stereo FLAC, a transcript line with no audio
     and a (valid) FLAC with no transcript line.
     """
-    if speakers < 1 or chapters_per_speaker < 1:
-        raise ValueError("need at least one speaker and one chapter per speaker")
+    per_subset = [speakers.get(s, 0) for s in subsets] if isinstance(speakers, dict) else [speakers] * len(subsets)
+    if isinstance(speakers, dict) and set(speakers) - set(subsets):
+        raise ValueError(f"speakers: no such subset: {', '.join(sorted(set(speakers) - set(subsets)))}")
+    if min(per_subset, default=1) < 1 or chapters_per_speaker < 1:
+        raise ValueError("need at least one speaker per subset and one chapter per speaker")
+    if voices and not spoken:
+        raise ValueError("voices=True needs spoken=True: a voice says a transcript")
     source = Path(root).absolute() / "LibriSpeech"
     out = _Writer(source)
     rng = _rng(seed, "librispeech")
-    n_chapters = speakers * chapters_per_speaker
-    speaker_ids = rng.choice(np.arange(10, 9000), size=speakers * len(subsets), replace=False)
-    chapter_ids = rng.choice(np.arange(1000, 300000), size=n_chapters * len(subsets), replace=False)
+    speaker_ids = rng.choice(np.arange(10, 9000), size=sum(per_subset), replace=False)
+    chapter_ids = rng.choice(np.arange(1000, 300000), size=sum(per_subset) * chapters_per_speaker, replace=False)
 
     fault_map: dict[str, str] = {}
     splits: dict[str, int] = {}
     speaker_rows, chapter_rows = [], []
     for s_idx, (subset, count) in enumerate(subsets.items()):
         chapters = []  # (speaker, chapter, good utterance count)
+        first = sum(per_subset[:s_idx])  # this subset's speakers: speaker_ids[first:first + per_subset[s_idx]]
+        n_chapters = per_subset[s_idx] * chapters_per_speaker
         for c_idx in range(n_chapters):
-            spk = int(speaker_ids[s_idx * speakers + c_idx // chapters_per_speaker])
-            chap = int(chapter_ids[s_idx * n_chapters + c_idx])
+            spk = int(speaker_ids[first + c_idx // chapters_per_speaker])
+            chap = int(chapter_ids[first * chapters_per_speaker + c_idx])
             share = count // n_chapters + (1 if c_idx < count % n_chapters else 0)
             if share or (faults and s_idx == 0 and c_idx == 0):
                 chapters.append((spk, chap, share))
@@ -226,7 +294,12 @@ def make_librispeech(
                 dur = float(urng.uniform(*seconds))
                 if what == "truncated_audio":
                     dur = max(dur, 1.0)  # long enough that the cut lands inside audio frames
-                pcm = _spoken_signal(urng, text, sr, channels) if spoken else _speech_signal(urng, dur, sr, channels)
+                if spoken and voices:
+                    pcm = _voices_signal(urng, text, _voice(_rng(seed, "voice", spk)), sr, channels)
+                elif spoken:
+                    pcm = _spoken_signal(urng, text, sr, channels)
+                else:
+                    pcm = _speech_signal(urng, dur, sr, channels)
                 data = _flac_bytes(pcm, sr)
                 out.bytes(rel, data[: len(data) // 2] if what == "truncated_audio" else data)
             out.text(f"{rel_dir}/{spk}-{chap}.trans.txt", "".join(line + "\n" for line in lines))

@@ -5,6 +5,7 @@ import re
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import soundfile as sf
 from PIL import Image, UnidentifiedImageError
@@ -354,8 +355,6 @@ def test_tiny_corpora_are_fast(tmp_path):
 
 
 def test_visual_words_show_half_of_a_family_per_labelled_split():
-    import numpy as np
-
     from pipelines.synthetic import FILLER_TILES, WORD_TILES, WORDS_PER_FAMILY, _word_patterns, _words_image
 
     families = 4
@@ -376,3 +375,62 @@ def test_visual_words_show_half_of_a_family_per_labelled_split():
     assert seen - fillers and seen - fillers <= set(range(first, first + half))
     assert unseen - fillers and unseen - fillers <= set(range(first + half, first + WORDS_PER_FAMILY))
     assert pool - fillers <= set(range(first, first + WORDS_PER_FAMILY)) and len(pool - fillers) > half
+
+
+def test_voices_change_pitch_and_rate_but_not_the_letters(tmp_path):
+    """Each speaker of `voices=True` has a pitch of its own; a letter keeps its spectral envelope
+    across voices (closer to itself from another voice than to another letter from the same one)."""
+    from pipelines.synthetic import LETTERS, SAMPLE_RATE, _voice, _voiced_letter
+
+    spec = make_librispeech(str(tmp_path / "a"), {"train-other-500": 8}, seed=1, spoken=True, voices=True,
+                                      speakers=4, words=(2, 3))
+    again = make_librispeech(str(tmp_path / "b"), {"train-other-500": 8}, seed=1, spoken=True, voices=True,
+                                       speakers=4, words=(2, 3))
+    assert [Path(f).read_bytes() for f in spec.files] == [Path(f).read_bytes() for f in again.files]
+
+    def pitch(path):  # autocorrelation over the loudest 100 ms
+        audio, sr = sf.read(path)
+        start = int(np.argmax(np.convolve(audio ** 2, np.ones(1600), "valid")))
+        seg = audio[start:start + 1600]
+        corr = np.correlate(seg, seg, "full")[1599:]
+        return sr / (int(np.argmax(corr[40:200])) + 40)
+
+    by_speaker = {}
+    for f in spec.files:
+        if f.endswith(".flac"):
+            by_speaker.setdefault(Path(f).parts[-3], []).append(pitch(f))
+    medians = sorted(float(np.median(v)) for v in by_speaker.values())
+    assert len(medians) == 4 and medians[-1] / medians[0] > 1.3
+
+    # a letter is recognisable in a voice never heard: nearest neighbour over the letters of 3 voices
+    # (log band energies, each voice's mean removed) names the letters of a fourth
+    rng = np.random.default_rng(0)
+    edges = np.geomspace(100, 7600, 33)
+
+    def bands(letter, voice):
+        wave = _voiced_letter(rng, letter, voice, 1600, SAMPLE_RATE)
+        power = np.abs(np.fft.rfft(wave * np.hanning(wave.size))) ** 2
+        f = np.fft.rfftfreq(wave.size, 1 / SAMPLE_RATE)
+        return np.log([power[(f >= lo) & (f < hi)].sum() + 1e-6 for lo, hi in zip(edges[:-1], edges[1:])])
+
+    voices = [_voice(np.random.default_rng(s)) for s in range(4)]
+    feats = np.array([[bands(letter, v) for letter in range(len(LETTERS))] for v in voices])
+    feats -= feats.mean(axis=1, keepdims=True)
+    known = feats[:3].reshape(-1, feats.shape[-1])
+    nearest = ((feats[3][:, None] - known[None]) ** 2).sum(-1).argmin(1) % len(LETTERS)
+    assert (nearest == np.arange(len(LETTERS))).mean() >= 0.8
+    assert len({round(v["f0"]) for v in voices}) == 4
+    with pytest.raises(ValueError, match="voices=True needs spoken=True"):
+        make_librispeech(str(tmp_path / "c"), {"dev-clean": 1}, voices=True)
+
+
+def test_speakers_per_subset(tmp_path):
+    spec = make_librispeech(str(tmp_path / "a"), {"train-other-500": 6, "dev-clean": 2},
+                            speakers={"train-other-500": 3, "dev-clean": 1}, chapters_per_speaker=1)
+    root = Path(spec.source)
+    assert len(list((root / "train-other-500").iterdir())) == 3 and len(list((root / "dev-clean").iterdir())) == 1
+    assert spec.expected["splits"] == {"train-other-500": 6, "dev-clean": 2}
+    with pytest.raises(ValueError, match="speakers: no such subset: dev-other"):
+        make_librispeech(str(tmp_path / "b"), {"dev-clean": 1}, speakers={"dev-clean": 1, "dev-other": 1})
+    with pytest.raises(ValueError, match="at least one speaker per subset"):
+        make_librispeech(str(tmp_path / "c"), {"dev-clean": 1, "test-clean": 1}, speakers={"dev-clean": 1})
