@@ -30,6 +30,41 @@ def last_target_rank(run_dir: Path) -> float | None:
     return json.loads(lines[-1]).get("target_rank") if lines else None
 
 
+def summarise(modality: str, curves: list[dict], ranks: list, took: list[float]) -> list[dict]:
+    """One row per budget: random and pre-trained over every fine-tuning seed of every pre-training run."""
+    metric = curves[0]["metric"]
+    rows = []
+    for budget in dict.fromkeys(p["budget"] for c in curves for p in c["points"]):
+        values = {kind: [v for c in curves for p in c["points"] if p["budget"] == budget
+                         and p["random"] == (kind == "random") for v in p["values"]]
+                  for kind in ("random", "pretrained")}
+        mean = {k: statistics.fmean(v) for k, v in values.items()}
+        spread = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
+        known = [r for r in ranks if r is not None]
+        rows.append({"modality": modality, "metric": metric, "budget": budget,
+                     "amount": next(p["amount"] for c in curves for p in c["points"] if p["budget"] == budget),
+                     "random": mean["random"], "random_spread": spread["random"],
+                     "pretrained": mean["pretrained"], "pretrained_spread": spread["pretrained"],
+                     "ratio": mean["pretrained"] / mean["random"] if mean["random"] else None,
+                     "points": mean["pretrained"] - mean["random"], "runs": len(values["pretrained"]),
+                     "target_rank": statistics.fmean(known) if known else None, "flow_s": statistics.fmean(took)})
+    return rows
+
+
+def print_table(rows: list[dict], started: float) -> None:
+    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
+          f"total {time.monotonic() - started:.0f} s\n")
+    print("| modality | budget | labelled | random | pre-trained | pre-trained / random | points | runs | "
+          "target rank | flow |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['modality']} ({r['metric']}) | {r['budget']} | {r['amount']:.1f} | "
+              f"{100 * r['random']:.1f} ± {100 * r['random_spread']:.1f} | "
+              f"{100 * r['pretrained']:.1f} ± {100 * r['pretrained_spread']:.1f} | {r['ratio']:.2f} | "
+              f"{100 * r['points']:+.1f} | {r['runs']} | "
+              f"{'–' if r['target_rank'] is None else format(r['target_rank'], '.1f')} | {r['flow_s']:.0f} s |")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--modalities", default="speech,vision,text")
@@ -52,33 +87,8 @@ def main() -> int:
             took.append(time.monotonic() - t0)
             curves.append(json.loads((output / "report" / "curve.json").read_text()))
             ranks.append(last_target_rank(output / "run"))
-        metric = curves[0]["metric"]
-        budgets = list(dict.fromkeys(p["budget"] for c in curves for p in c["points"]))
-        for budget in budgets:
-            values = {kind: [v for c in curves for p in c["points"] if p["budget"] == budget
-                             and p["random"] == (kind == "random") for v in p["values"]]
-                      for kind in ("random", "pretrained")}
-            mean = {k: statistics.fmean(v) for k, v in values.items()}
-            spread = {k: statistics.stdev(v) if len(v) > 1 else 0.0 for k, v in values.items()}
-            rows.append({"modality": modality, "metric": metric, "budget": budget,
-                         "amount": next(p["amount"] for c in curves for p in c["points"] if p["budget"] == budget),
-                         "random": mean["random"], "random_spread": spread["random"],
-                         "pretrained": mean["pretrained"], "pretrained_spread": spread["pretrained"],
-                         "ratio": mean["pretrained"] / mean["random"] if mean["random"] else None,
-                         "points": mean["pretrained"] - mean["random"], "runs": len(values["pretrained"]),
-                         "target_rank": statistics.fmean(r for r in ranks if r is not None) if any(ranks) else None,
-                         "flow_s": statistics.fmean(took)})
-    print(f"\nmachine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}; "
-          f"total {time.monotonic() - started:.0f} s\n")
-    print("| modality | budget | labelled | random | pre-trained | pre-trained / random | points | runs | "
-          "target rank | flow |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['modality']} ({r['metric']}) | {r['budget']} | {r['amount']:.1f} | "
-              f"{100 * r['random']:.1f} ± {100 * r['random_spread']:.1f} | "
-              f"{100 * r['pretrained']:.1f} ± {100 * r['pretrained_spread']:.1f} | {r['ratio']:.2f} | "
-              f"{100 * r['points']:+.1f} | {r['runs']} | "
-              f"{'–' if r['target_rank'] is None else format(r['target_rank'], '.1f')} | {r['flow_s']:.0f} s |")
+        rows += summarise(modality, curves, ranks, took)
+    print_table(rows, started)
     (out / "bench_learning.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"\nwrote {out / 'bench_learning.json'}")
     return 0
