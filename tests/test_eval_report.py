@@ -209,6 +209,9 @@ def test_the_curve_states_the_gain_per_budget_with_mean_and_spread_over_seeds():
                      "mean of 2 seeds")
     assert large.startswith("pre-training (step 1000) cuts dev CER from 55.00% to 54.00% with all 10.0 min of labels")
     assert large.endswith("(inside the seeds spread: not a clear difference)")
+    stuck = [_budgeted(label, "1m", 60, 0, 1.0) for label in ("random", "step 1000")]
+    assert curve.gain_sentences(curve.points(stuck, "cer"), "cer", "dev") == [
+        "pre-training (step 1000) leaves dev CER at 100.00% with 1.0 min of labels, as random init does; mean of 1 seed"]
     page = curve.render_markdown(results, "cer", "Curve", "curve.png")
     assert page.splitlines()[2] == f"**{small[0].upper()}{small[1:]}.**"
     assert "| step 1000 | 42.00% ± 2.83% (n=2) | 54.00% ± 2.83% (n=2) |" in page

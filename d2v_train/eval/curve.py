@@ -89,14 +89,18 @@ def gain_sentences(pts: Sequence[Point], name: str, eval_split: str, unit: str =
         for p in members:
             if p.random:
                 continue
+            seeds = f"{len(p.values)} seeds" if len(p.values) > 1 else "1 seed"
+            labels = _budget_words(budget, p.amount, unit)
+            if how.format(p.mean) == how.format(base.mean):
+                lines.append(f"pre-training ({p.label}) leaves {eval_split} {how.title} at {how.format(p.mean)} with "
+                             f"{labels} of labels, as random init does; mean of {seeds}")
+                continue
             better = how.better(p.mean, base.mean)
             verb = ("cuts" if better else "raises") if how.lower_is_better else ("raises" if better else "lowers")
             significant = abs(p.mean - base.mean) > p.spread + base.spread
             ratio = f", {p.mean / base.mean:.2f}x" if base.mean and how.lower_is_better else ""
-            seeds = f"{len(p.values)} seeds" if len(p.values) > 1 else "1 seed"
             lines.append(f"pre-training ({p.label}) {verb} {eval_split} {how.title} from {how.format(base.mean)} to "
-                         f"{how.format(p.mean)} with {_budget_words(budget, p.amount, unit)} of labels"
-                         f"{ratio}; mean of {seeds}"
+                         f"{how.format(p.mean)} with {labels} of labels{ratio}; mean of {seeds}"
                          f"{'' if significant else ' (inside the seeds spread: not a clear difference)'}")
     return lines
 
