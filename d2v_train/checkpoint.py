@@ -6,11 +6,14 @@ keeps the newest `keep` and removes the rest.
 """
 from __future__ import annotations
 
+import pickle
 import re
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
+from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from pipelines.storage import Location
 
@@ -112,9 +115,72 @@ def _start(url: str, step: int, config_json: str | None) -> str:
     return folder
 
 
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint's `.metadata` names something other than DCP's own metadata types."""
+
+
+# What DCP's `.metadata` pickle may name: its metadata dataclasses, the storage index, tensor
+# sizes, dtypes and layouts. Anything else (os.system, builtins.eval, ...) is refused unread.
+_METADATA_CLASSES = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "BytesStorageMetadata", "ChunkStorageMetadata", "_MEM_FORMAT_ENCODING"},
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size"},
+    "collections": {"OrderedDict"},
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    def __init__(self, file, where: str):
+        super().__init__(file)
+        self.where = where
+
+    def find_class(self, module: str, name: str):
+        if name in _METADATA_CLASSES.get(module, ()):
+            return super().find_class(module, name)
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        raise UnsafeCheckpointError(f"{self.where}: refusing to load {module}.{name} (not checkpoint metadata); "
+                                    "the file was not written by torch.distributed.checkpoint")
+
+
+def read_metadata(file, where: str) -> Metadata:
+    """A `.metadata` file's content, unpickled through the allow-list."""
+    try:
+        metadata = _MetadataUnpickler(file, where).load()
+    except UnsafeCheckpointError:
+        raise
+    except Exception as exc:  # truncated or not a pickle at all
+        raise UnsafeCheckpointError(f"{where}: unreadable checkpoint metadata ({type(exc).__name__}: {exc})") from None
+    if not isinstance(metadata, Metadata):
+        raise UnsafeCheckpointError(f"{where}: not DCP checkpoint metadata ({type(metadata).__name__})")
+    return metadata
+
+
+class SafeReader(FsspecReader):
+    """DCP's fsspec reader, with `.metadata` unpickled through an allow-list: loading a shared or
+    downloaded checkpoint runs no code. (Tensor payloads are read with `weights_only=True` by DCP.)"""
+
+    def read_metadata(self, *args, **kwargs) -> Metadata:
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = read_metadata(f, str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
 def load(state: dict, folder: str) -> None:
-    """Fills `state` in place (tensors and DTensors reshard to this world size)."""
-    dcp.load(state, storage_reader=FsspecReader(folder))
+    """Fills `state` in place (tensors and DTensors reshard to this world size). The metadata is
+    checked first, so that a refused file is one error here rather than DCP's per-rank fallbacks."""
+    fs, root = Location(folder).filesystem()
+    path = f"{root.rstrip('/')}/.metadata"
+    with fs.open(path, "rb") as f:
+        read_metadata(f, path)
+    dcp.load(state, storage_reader=SafeReader(folder))
 
 
 def _prune(url: str, keep: int) -> None:

@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
@@ -42,7 +40,7 @@ def load_model(url: str) -> tuple[TrainConfig, nn.Module, str]:
     state = {"model": model.state_dict()}
     with warnings.catch_warnings():  # one process reading a checkpoint is the intent here
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, storage_reader=FsspecReader(folder))
+        checkpoint.load(state, folder)
     model.load_state_dict(state["model"])
     return cfg, model.eval(), folder
 
