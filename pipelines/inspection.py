@@ -29,7 +29,7 @@ def read_dataset(location: Location) -> tuple[Dataset, object, str]:
         raise
     except Exception as exc:  # noqa: BLE001
         raise StorageError(f"cannot read {location.public_url()}: {exc}") from exc
-    return Dataset.from_json(text), fs, root
+    return Dataset.from_json(text, join(location.public_url(), DATASET_JSON)), fs, root
 
 
 def summary(dataset: Dataset, url: str) -> dict:

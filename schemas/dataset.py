@@ -1,9 +1,10 @@
 """`dataset.json`: the one entry point of a built dataset. Readers trust only what it names."""
 from __future__ import annotations
 
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # Bump when a reader of the previous version could misread the new files.
 SCHEMA_VERSION = 1
@@ -11,6 +12,26 @@ SCHEMA_VERSION = 1
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def inside_root(path: str) -> str:
+    """A path from dataset.json names a file under the dataset root and nothing else: relative,
+    '/'-separated, without '..', '.', empty parts, a scheme or a drive."""
+    parts = path.split("/")
+    if (not path or path.startswith("/") or "\\" in path or ":" in path
+            or any(part in ("", ".", "..") for part in parts)):
+        raise ValueError(f"{path!r} is not a path inside the dataset root")
+    return path
+
+
+def sha256_hex(value: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", value):
+        raise ValueError(f"{value!r} is not a sha256 (64 lowercase hex characters)")
+    return value
+
+
+RelativePath = Annotated[str, AfterValidator(inside_root)]
+Sha256 = Annotated[str, AfterValidator(sha256_hex)]
 
 
 class FrameGrid(_Strict):
@@ -56,9 +77,9 @@ class MaskConfig(_Strict):
 class TokenizerRef(_Strict):
     """The byte-level BPE tokenizer stored under `tokenizer/` of a text dataset."""
 
-    path: str = "tokenizer"
+    path: RelativePath = "tokenizer"
     vocab_size: int
-    sha256: str  # of tokenizer.json: the ids in the shards mean something only with this file
+    sha256: Sha256  # of tokenizer.json: the ids in the shards mean something only with this file
     bos_id: int
     eos_id: int
     pad_id: int
@@ -69,11 +90,11 @@ class TokenizerRef(_Strict):
 
 class ShardInfo(_Strict):
     split: str
-    name: str  # path of the tar relative to the dataset root
-    index: str  # path of the Parquet index relative to the dataset root
-    samples: int
-    bytes: int
-    sha256: str
+    name: RelativePath  # path of the tar relative to the dataset root
+    index: RelativePath  # path of the Parquet index relative to the dataset root
+    samples: int = Field(ge=0)
+    bytes: int = Field(ge=0)
+    sha256: Sha256
     seconds: float | None = None  # speech: audio seconds in the shard
     tokens: int | None = None  # text: tokens in the shard
 
@@ -116,6 +137,14 @@ class Dataset(_Strict):
             raise ValueError("rejects_by_reason does not add up to rejected")
         if sum(s.samples for s in self.shards) != self.samples:
             raise ValueError("shard sample counts do not add up to samples")
+        for split, summary in self.splits.items():
+            shards = [s for s in self.shards if s.split == split]
+            totals = {"samples": sum(s.samples for s in shards), "shards": len(shards), "bytes": sum(s.bytes for s in shards)}
+            for key, total in totals.items():
+                if getattr(summary, key) != total:
+                    raise ValueError(f"splits.{split}.{key} is {getattr(summary, key)}, its shards add up to {total}")
+        if {s.split for s in self.shards} - set(self.splits):
+            raise ValueError(f"shards of splits missing from splits: {sorted({s.split for s in self.shards} - set(self.splits))}")
         if self.schema_version > SCHEMA_VERSION:
             raise ValueError(
                 f"dataset.json has schema version {self.schema_version}; this d2v reads up to {SCHEMA_VERSION}"
@@ -131,5 +160,13 @@ class Dataset(_Strict):
         return self.model_dump_json(indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> Dataset:
-        return cls.model_validate_json(text)
+    def from_json(cls, text: str | bytes, where: str = "dataset.json") -> Dataset:
+        """The parsed file; a bad one is a ValueError of one line naming the field (`where`: the file)."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(part) for part in first["loc"]) or "(the document)"
+            message = first["msg"].removeprefix("Value error, ")
+            more = f" (and {exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+            raise ValueError(f"{where}: {field}: {message}{more}") from None

@@ -68,3 +68,80 @@ def test_security_crafted_checkpoint_metadata_runs_nothing(saved, tmp_path, payl
     with pytest.raises(checkpoint.UnsafeCheckpointError):
         checkpoint.load(state, str(crafted))  # the trainer's resume
     assert not marker.exists()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> str:
+    from pipelines import synthetic
+    from pipelines.build import BuildOptions, build_dataset
+    from pipelines.plan import ShardSize
+    from pipelines.sources.librispeech import LibriSpeechSource
+    from pipelines.storage import Location
+
+    root = tmp_path_factory.mktemp("dataset")
+    spec = synthetic.make_librispeech(str(root / "corpus"), {"train-clean-100": 6}, seed=3, seconds=(1.0, 2.0))
+    build_dataset(LibriSpeechSource(Location(spec.source), ("train-clean-100",)), Location(str(root / "data")),
+                  BuildOptions(ShardSize.parse("3"), 1, 0), workers=0, echo=lambda *_: None)
+    return str(root / "data")
+
+
+def _crafted(dataset: str, tmp_path, edit) -> str:
+    """A copy of `dataset` whose dataset.json `edit(doc)` changed."""
+    import json
+    import shutil
+
+    copy = tmp_path / "crafted"
+    shutil.copytree(dataset, copy)
+    doc = json.loads((copy / "dataset.json").read_text())
+    edit(doc)
+    (copy / "dataset.json").write_text(json.dumps(doc))
+    return str(copy)
+
+
+def _set_first_shard(key: str, value: str):
+    def edit(doc):
+        doc["shards"][0][key] = value
+    return edit
+
+
+@pytest.mark.parametrize("key,value", [
+    ("name", "../../../../etc/hostname"), ("name", "/etc/hostname"), ("name", "file:///etc/hostname"),
+    ("index", "../outside.parquet"), ("name", "shards/./x.tar"), ("sha256", "../victim/important"),
+    ("sha256", "A" * 64)])
+def test_security_dataset_json_paths_stay_inside_the_dataset(dataset, tmp_path, key, value):
+    crafted = _crafted(dataset, tmp_path, _set_first_shard(key, value))
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "important.tar").write_bytes(b"keep me")
+    cache = tmp_path / "cache"
+    for args in (["verify", crafted], ["stream", crafted, "--split", "train-clean-100", "--batch-size", "2",
+                                         "--max-batches", "1", "--cache-dir", str(cache)]):
+        result = run_d2v("data", *args, check=False)
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1 and repr(value) in result.stderr, result.stderr
+    assert (victim / "important.tar").read_bytes() == b"keep me"
+
+
+def test_security_the_reader_refuses_shards_outside_the_root_and_odd_digests():
+    from d2v_train.data.reader import ShardReader
+    from pipelines.storage import Location
+
+    good = "0" * 64
+    for shard in (("../x.tar", good, 1), ("/abs/x.tar", good, 1), ("x.tar", "../../x", 1)):
+        with pytest.raises(ValueError, match="inside the dataset root|is not a sha256"):
+            ShardReader(Location("/tmp"), [shard], data_suffix="flac")
+
+
+def test_split_totals_in_dataset_json_are_checked(dataset, tmp_path):
+    def edit(doc):
+        doc["splits"]["train-clean-100"]["samples"] += 1
+        doc["samples"] += 1
+        doc["source_items"] += 1
+        doc["shards"][0]["samples"] += 1
+
+    crafted = _crafted(dataset, tmp_path, edit)
+    ok = run_d2v("data", "inspect", crafted, check=False)
+    assert ok.returncode == 0, ok.stderr  # shards and splits still agree
+    crafted2 = _crafted(crafted, tmp_path / "again", lambda doc: doc["splits"]["train-clean-100"].update(bytes=1))
+    result = run_d2v("data", "inspect", crafted2, check=False)
+    assert result.returncode == 2 and "splits.train-clean-100.bytes is 1" in result.stderr, result.stderr

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from pipelines.storage import Location, is_local, join
+from schemas.dataset import inside_root, sha256_hex
 
 log = logging.getLogger(__name__)
 
@@ -153,7 +154,8 @@ class ShardReader:
             raise ValueError("max_request_bytes and threads must be >= 1, max_gap_bytes and retries >= 0, "
                              "timeout_s > 0")
         self.location = location
-        self.shards = [_Shard(name, sha, int(size)) for name, sha, size in shards]
+        # the names are opened under the root and the digests name cache files: neither may leave its folder
+        self.shards = [_Shard(inside_root(name), sha256_hex(sha), int(size)) for name, sha, size in shards]
         self.data_suffix = data_suffix
         self.max_request_bytes, self.max_gap_bytes = max_request_bytes, max_gap_bytes
         self.threads, self.retries, self.backoff_s, self.timeout_s = threads, retries, backoff_s, timeout_s
