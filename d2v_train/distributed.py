@@ -4,7 +4,6 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -28,9 +27,12 @@ class World:
 
 def init_world() -> World:
     """Join the torchrun job (or start a one-process group): gloo on CPU, nccl on GPU."""
-    if "RANK" not in os.environ:  # plain `python d2v_train/main.py`: a group of one
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
+    alone = "RANK" not in os.environ  # plain `python d2v_train/main.py`: a group of one
+    if alone:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        # nothing to rendezvous with: an in-memory store instead of a TCP one on every interface, and
+        # gloo's own socket on the loopback interface (no listener reachable from another machine)
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     _die_with_launcher()
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -38,8 +40,24 @@ def init_world() -> World:
     if cuda:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        if alone:
+            dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        else:
+            dist.init_process_group("nccl" if cuda else "gloo")
     return World(dist.get_rank(), dist.get_world_size(), device)
+
+
+def _loopback_interface() -> str:
+    """The name of the interface that carries 127.0.0.1 ('lo' on Linux, 'lo0' on macOS)."""
+    try:
+        import psutil
+
+        for name, addresses in psutil.net_if_addrs().items():
+            if any(a.address == "127.0.0.1" for a in addresses):
+                return name
+    except ImportError:
+        pass
+    return "lo0" if sys.platform == "darwin" else "lo"
 
 
 def _die_with_launcher() -> None:
@@ -57,12 +75,6 @@ def _die_with_launcher() -> None:
 def close_world() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def shard(module: nn.Module, blocks: list[nn.Module], *, dtype: str, reshard_after_forward: bool = True,

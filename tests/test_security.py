@@ -145,3 +145,36 @@ def test_split_totals_in_dataset_json_are_checked(dataset, tmp_path):
     crafted2 = _crafted(crafted, tmp_path / "again", lambda doc: doc["splits"]["train-clean-100"].update(bytes=1))
     result = run_d2v("data", "inspect", crafted2, check=False)
     assert result.returncode == 2 and "splits.train-clean-100.bytes is 1" in result.stderr, result.stderr
+
+
+def test_security_single_process_training_listens_on_loopback_only(dataset, tmp_path):
+    """What `ss -ltnp` shows for the trainer's processes while it trains: 127.0.0.1 or nothing."""
+    import subprocess
+    import sys
+
+    psutil = pytest.importorskip("psutil")
+    from tests.helpers import REPO
+
+    trainer = subprocess.Popen(
+        [sys.executable, "d2v_train/main.py", "--config", TINY, f"data.url={dataset}", f"run_dir={tmp_path / 'run'}",
+         "train.max_steps=60", "checkpoint.every_steps=1000", "data.workers=1"],
+        cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen, steps = set(), 0
+    try:
+        for line in trainer.stdout:
+            if line.startswith("step "):
+                steps += 1
+                procs = [psutil.Process(trainer.pid), *psutil.Process(trainer.pid).children(recursive=True)]
+                for proc in procs:
+                    try:
+                        seen |= {c.laddr for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+                    except psutil.NoSuchProcess:
+                        pass
+                if steps >= 5:
+                    break
+    finally:
+        trainer.kill()
+        trainer.wait(timeout=30)
+    assert steps >= 5, "the trainer did not train"
+    assert seen, "gloo always listens somewhere: the probe saw no socket at all"
+    assert {addr.ip for addr in seen} <= {"127.0.0.1", "::1"}, seen
