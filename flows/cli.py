@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
         return 130
     except (ValueError, OSError, ConnectionError) as exc:
         # Errors a user can cause (bad input, unreachable storage, wrong config): one clear line.
-        print(f"error: {exc}", file=sys.stderr)
+        from pipelines.storage import redact_text
+
+        print(f"error: {' '.join(redact_text(str(exc)).split())}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
 

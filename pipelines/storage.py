@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import uuid
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit, urlunsplit
@@ -55,6 +56,16 @@ class Location:
 
     def public_url(self) -> str:
         return redact(self.url)
+
+
+_URL_USERINFO = re.compile(r"([a-zA-Z][\w+.-]*://)[^\s\"'@]+@")  # a secret may hold '/'
+_USERINFO = re.compile(r"(?<![\w.-])([\w.%+~-]+):([^\s\"'/@]+)@")
+
+
+def redact_text(text: str) -> str:
+    """`text` (an error message, a log line) with every `user:password@` of a URL in it masked,
+    also where a library quotes the URL's pieces without its scheme."""
+    return _USERINFO.sub("***@", _URL_USERINFO.sub(r"\1***@", text))
 
 
 def redact(url: str) -> str:

@@ -178,3 +178,24 @@ def test_security_single_process_training_listens_on_loopback_only(dataset, tmp_
     assert steps >= 5, "the trainer did not train"
     assert seen, "gloo always listens somewhere: the probe saw no socket at all"
     assert {addr.ip for addr in seen} <= {"127.0.0.1", "::1"}, seen
+
+
+def test_security_credentials_never_appear_in_messages():
+    import subprocess
+    import sys
+
+    from pipelines.storage import redact_text
+    from tests.helpers import REPO
+
+    assert redact_text('cannot read s3://AK:SEC/RET@b/x: bad name "AK:SECRET@b"') == \
+        'cannot read s3://***@b/x: bad name "***@b"'
+    assert redact_text("at 12:30, x@y.org, ratio 1:2") == "at 12:30, x@y.org, ratio 1:2"
+    env = {**os.environ, "AWS_ENDPOINT_URL": "http://127.0.0.1:1", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "y", "OMP_NUM_THREADS": "1"}
+    url = "s3://MYKEY:MYSECRET@bucket/dataset"
+    for cmd in ([sys.executable, "-m", "flows.cli", "data", "inspect", url],
+                [sys.executable, "d2v_train/main.py", "--config", TINY, f"data.url={url}"]):
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result.stderr
+        assert "MYSECRET" not in result.stdout + result.stderr and "***@" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
