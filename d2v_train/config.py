@@ -47,6 +47,9 @@ class DataConfig(_Strict):
     def _one_size(self) -> DataConfig:
         if (self.max_tokens is None) == (self.batch_size is None):
             raise ValueError("data: give exactly one of max_tokens (speech) and batch_size")
+        if not 1 <= self.min_sample_size <= self.max_sample_size:
+            raise ValueError(f"data.max_sample_size ({self.max_sample_size}) must be at least data.min_sample_size "
+                             f"({self.min_sample_size}), which must be positive")
         return self
 
 
@@ -115,6 +118,21 @@ class TrainConfig(_Strict):
             return yaml.safe_load(path.read_text())
         return value
 
+    @model_validator(mode="after")
+    def _crop_holds_a_frame(self) -> TrainConfig:
+        frontend = self.model.frontend
+        if self.model.modality == "speech" and getattr(frontend, "conv_layers", None):
+            field = 0  # receptive field of the CNN in samples: one frame needs at least this many
+            jump = 1
+            for _, kernel, stride in frontend.conv_layers:
+                field += (kernel - 1) * jump
+                jump *= stride
+            field += 1
+            if self.data.max_sample_size < field:
+                raise ValueError(f"data.max_sample_size ({self.data.max_sample_size}) is shorter than one frame of "
+                                 f"the model's feature encoder ({field} samples)")
+        return self
+
     @property
     def checkpoint_url(self) -> str:
         return self.checkpoint.url or f"{self.run_dir.rstrip('/')}/checkpoints"
@@ -131,14 +149,25 @@ def describe(error: ValidationError) -> str:
 
 
 def load_train_config(path: str | None, overrides: list[str]) -> TrainConfig:
-    data = yaml.safe_load(Path(path).read_text()) if path else {}
+    data = _yaml(Path(path).read_text(), path) if path else {}
     data = data or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a mapping of settings at the top level, got {type(data).__name__}")
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"override {item!r}: expected key.sub=value")
-        _set(data, key.split("."), yaml.safe_load(raw))
+        _set(data, key.split("."), _yaml(raw, f"override {item!r}"))
     return TrainConfig.model_validate(data)
+
+
+def _yaml(text: str, where: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"{where}: not valid YAML{at}: {getattr(exc, 'problem', None) or exc}") from None
 
 
 def _set(tree: dict, keys: list[str], value) -> None:

@@ -483,6 +483,24 @@ def test_a_wrong_config_exits_2_naming_the_field(override, field, capsys):
     assert err.startswith("error: invalid configuration") and f"\n{field}: " in err
 
 
+@pytest.mark.parametrize("overrides, says", [
+    (["data.max_sample_size=100"], "data.max_sample_size (100) must be at least data.min_sample_size (16000)"),
+    (["data.min_sample_size=100", "data.max_sample_size=200"],
+     "data.max_sample_size (200) is shorter than one frame of the model's feature encoder (400 samples)"),
+    (["train.max_steps=[1"], "override 'train.max_steps=[1': not valid YAML at line 1"),
+])
+def test_config_errors_caught_before_training(overrides, says, capsys, tmp_path):
+    from d2v_train.main import main
+
+    assert main(["--config", CONFIG, "data.url=/nowhere", *overrides]) == 2
+    assert says in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: speech_tiny\ndata: [unclosed\n")
+    assert main(["--config", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: invalid configuration: {bad}: not valid YAML at line 3") and "Traceback" not in err
+
+
 @torchrun
 def test_an_epoch_too_short_for_one_step_exits_2(dataset, tmp_path):
     result = train(tmp_path / "run", str(dataset), "train.grad_accum=12", ranks=1, expect=2)
