@@ -35,6 +35,7 @@ from d2v_train.models.data2vec import build_model
 from d2v_train.models.ema import ema_tau
 from d2v_train.models.loss import std_from_stats
 from d2v_train.schedules import lr_scale
+from pipelines.storage import check_output
 
 SIGTERM_EXIT = 143
 # what a step adds up over its micro-batches and then over the ranks (one all-reduce): the loss sum
@@ -133,6 +134,8 @@ class Trainer:
         """Load the newest complete checkpoint, if there is one, and forget what was logged after
         it; returns its folder. Call once, before training."""
         url = self.cfg.checkpoint_url
+        if self.world.main:  # before any update: the first save is checkpoint.every_steps away
+            check_output(url, "checkpoint.url", folder=True)
         folder = checkpoint.resolve(url)
         if folder is not None:
             state = self._state()

@@ -101,7 +101,9 @@ def _encode(args) -> int:
     import numpy as np
 
     from d2v_train.export import encode
+    from pipelines.storage import check_output
 
+    check_output(args.out, "--out")
     outputs = encode(args.checkpoint, args.inputs, layer=args.layer)
     if len(outputs) == 1:
         np.save(args.out, outputs[0])

@@ -87,6 +87,16 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
 
+def check_output(url: str, what: str, *, folder: bool = False) -> None:
+    """Fail now, naming the option or setting `what`, if `url` (a file, or with `folder` a folder)
+    cannot be written: a run must not find out after hours of work. Raises StorageError."""
+    target = url.rstrip("/") if folder else (url.rstrip("/").rsplit("/", 1)[0] if "/" in url.rstrip("/") else ".")
+    try:
+        check_writable(Location(target))
+    except StorageError as exc:
+        raise StorageError(f"{what}: {exc}") from None
+
+
 def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     """Publish `data` at `path` so that readers see either nothing or the whole object.
 

@@ -37,3 +37,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def speech_dataset(tmp_path_factory) -> str:
+    """A small built speech dataset (6 transcribed utterances, 3 shards) for tests that only read it."""
+    from pipelines import synthetic
+    from pipelines.build import BuildOptions, build_dataset
+    from pipelines.plan import ShardSize
+    from pipelines.sources.librispeech import LibriSpeechSource
+    from pipelines.storage import Location
+
+    root = tmp_path_factory.mktemp("dataset")
+    spec = synthetic.make_librispeech(str(root / "corpus"), {"train-clean-100": 6}, seed=3, seconds=(1.0, 2.0))
+    build_dataset(LibriSpeechSource(Location(spec.source), ("train-clean-100",)), Location(str(root / "data")),
+                  BuildOptions(ShardSize.parse("3"), 1, 0), workers=0, echo=lambda *_: None)
+    return str(root / "data")

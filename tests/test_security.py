@@ -70,21 +70,6 @@ def test_security_crafted_checkpoint_metadata_runs_nothing(saved, tmp_path, payl
     assert not marker.exists()
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> str:
-    from pipelines import synthetic
-    from pipelines.build import BuildOptions, build_dataset
-    from pipelines.plan import ShardSize
-    from pipelines.sources.librispeech import LibriSpeechSource
-    from pipelines.storage import Location
-
-    root = tmp_path_factory.mktemp("dataset")
-    spec = synthetic.make_librispeech(str(root / "corpus"), {"train-clean-100": 6}, seed=3, seconds=(1.0, 2.0))
-    build_dataset(LibriSpeechSource(Location(spec.source), ("train-clean-100",)), Location(str(root / "data")),
-                  BuildOptions(ShardSize.parse("3"), 1, 0), workers=0, echo=lambda *_: None)
-    return str(root / "data")
-
-
 def _crafted(dataset: str, tmp_path, edit) -> str:
     """A copy of `dataset` whose dataset.json `edit(doc)` changed."""
     import json
@@ -108,8 +93,8 @@ def _set_first_shard(key: str, value: str):
     ("name", "../../../../etc/hostname"), ("name", "/etc/hostname"), ("name", "file:///etc/hostname"),
     ("index", "../outside.parquet"), ("name", "shards/./x.tar"), ("sha256", "../victim/important"),
     ("sha256", "A" * 64)])
-def test_security_dataset_json_paths_stay_inside_the_dataset(dataset, tmp_path, key, value):
-    crafted = _crafted(dataset, tmp_path, _set_first_shard(key, value))
+def test_security_dataset_json_paths_stay_inside_the_dataset(speech_dataset, tmp_path, key, value):
+    crafted = _crafted(speech_dataset, tmp_path, _set_first_shard(key, value))
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "important.tar").write_bytes(b"keep me")
@@ -132,14 +117,14 @@ def test_security_the_reader_refuses_shards_outside_the_root_and_odd_digests():
             ShardReader(Location("/tmp"), [shard], data_suffix="flac")
 
 
-def test_split_totals_in_dataset_json_are_checked(dataset, tmp_path):
+def test_split_totals_in_dataset_json_are_checked(speech_dataset, tmp_path):
     def edit(doc):
         doc["splits"]["train-clean-100"]["samples"] += 1
         doc["samples"] += 1
         doc["source_items"] += 1
         doc["shards"][0]["samples"] += 1
 
-    crafted = _crafted(dataset, tmp_path, edit)
+    crafted = _crafted(speech_dataset, tmp_path, edit)
     ok = run_d2v("data", "inspect", crafted, check=False)
     assert ok.returncode == 0, ok.stderr  # shards and splits still agree
     crafted2 = _crafted(crafted, tmp_path / "again", lambda doc: doc["splits"]["train-clean-100"].update(bytes=1))
@@ -147,7 +132,7 @@ def test_split_totals_in_dataset_json_are_checked(dataset, tmp_path):
     assert result.returncode == 2 and "splits.train-clean-100.bytes is 1" in result.stderr, result.stderr
 
 
-def test_security_single_process_training_listens_on_loopback_only(dataset, tmp_path):
+def test_security_single_process_training_listens_on_loopback_only(speech_dataset, tmp_path):
     """What `ss -ltnp` shows for the trainer's processes while it trains: 127.0.0.1 or nothing."""
     import subprocess
     import sys
@@ -156,7 +141,7 @@ def test_security_single_process_training_listens_on_loopback_only(dataset, tmp_
     from tests.helpers import REPO
 
     trainer = subprocess.Popen(
-        [sys.executable, "d2v_train/main.py", "--config", TINY, f"data.url={dataset}", f"run_dir={tmp_path / 'run'}",
+        [sys.executable, "d2v_train/main.py", "--config", TINY, f"data.url={speech_dataset}", f"run_dir={tmp_path / 'run'}",
          "train.max_steps=60", "checkpoint.every_steps=1000", "data.workers=1"],
         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen, steps = set(), 0

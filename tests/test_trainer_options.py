@@ -20,12 +20,13 @@ COMMON = ["data.max_tokens=64000", "data.workers=1", "data.shuffle_block=4", "tr
 @pytest.fixture
 def group(monkeypatch):
     """A one-process group for in-process trainers, torn down afterwards."""
-    from d2v_train.distributed import _free_port, close_world
+    from d2v_train.distributed import close_world
 
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for key, value in dict(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                           MASTER_PORT=str(_free_port())).items():
-        monkeypatch.setenv(key, value)
+    # no RANK: init_world makes its group of one; what it sets in the environment is undone afterwards
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GLOO_SOCKET_IFNAME"):
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     yield
     close_world()
     torch.use_deterministic_algorithms(False)

@@ -166,6 +166,10 @@ def run(args, extra: list[str] | None = None) -> int:
         return 0
     from d2v_train.eval import runtime
 
+    if args.out:
+        from pipelines.storage import check_output
+
+        check_output(args.out, "--out")
     world = runtime.start()
     try:
         runtime.emit(evaluate_once(args, world), args.out, world, as_json=args.json)

@@ -141,9 +141,21 @@ def _transcribed(batches, stats: dict):
         yield batch
 
 
+def _check_splits(args) -> None:
+    """Both splits exist, before any fine-tuning."""
+    from pipelines.inspection import read_dataset
+    from pipelines.storage import Location
+
+    dataset, _, _ = read_dataset(Location(args.data))
+    for option, split in (("--train-split", args.train_split), ("--eval-split", args.eval_split)):
+        if split not in dataset.splits:
+            raise ValueError(f"{option} {split!r}: the dataset has splits {', '.join(sorted(dataset.splits))}")
+
+
 def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
     if backbone.modality != "speech":
         raise ValueError(f"speech-ctc needs a speech encoder; the checkpoint's is {backbone.modality}")
+    _check_splits(args)
     recipe = fill_defaults(args, backbone.model.encoder.dim)
     steps, freeze_steps = args.steps, args.freeze_transformer_steps
     if not 0 < args.mask_prob < 1 and args.mask_prob != 0:

@@ -1,0 +1,54 @@
+"""What can be checked before the work is checked before it: outputs writable, splits present.
+Each failure is one line naming the option or setting, exit 2, within seconds."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+from tests.helpers import REPO, run_d2v
+
+TINY = str(REPO / "configs" / "train_speech_tiny.yaml")
+
+
+def _one_line_error(result, *says: str) -> None:
+    assert result.returncode == 2, result.stdout + result.stderr
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    for text in says:
+        assert text in err, err
+
+
+def test_eval_and_encode_refuse_an_unwritable_out_before_the_work(speech_dataset, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")  # a folder cannot be made under a file (a permission check would not hold as root)
+    common = ["--checkpoint", "random", "--model", "speech_tiny", "--data", speech_dataset,
+              "--train-split", "train-clean-100", "--eval-split", "train-clean-100", "--steps", "100000"]
+    started = time.monotonic()
+    _one_line_error(run_d2v("eval", "speech-ctc", *common, "--out", str(blocker / "r.json"), check=False),
+                    "--out", str(blocker))
+    _one_line_error(run_d2v("encode", "random", "x.flac", "--out", str(blocker / "x.npy"), check=False), "--out")
+    assert time.monotonic() - started < 60, "100,000 fine-tuning updates would take far longer"
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_speech_ctc_refuses_a_missing_split_before_fine_tuning(speech_dataset):
+    common = ["--checkpoint", "random", "--model", "speech_tiny", "--data", speech_dataset, "--steps", "100000"]
+    started = time.monotonic()
+    _one_line_error(run_d2v("eval", "speech-ctc", *common, "--train-split", "train-clean-100",
+                            "--eval-split", "dev-other", check=False),
+                    "--eval-split 'dev-other'", "train-clean-100")
+    _one_line_error(run_d2v("eval", "speech-ctc", *common, "--train-split", "train-other-500",
+                            "--eval-split", "train-clean-100", check=False), "--train-split 'train-other-500'")
+    assert time.monotonic() - started < 60
+
+
+def test_the_trainer_refuses_an_unwritable_checkpoint_url_before_training(speech_dataset, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = subprocess.run(
+        [sys.executable, "d2v_train/main.py", "--config", TINY, f"data.url={speech_dataset}",
+         f"run_dir={tmp_path / 'run'}", f"checkpoint.url={blocker / 'checkpoints'}", "train.max_steps=100000"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    _one_line_error(result, "checkpoint.url", str(blocker))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
