@@ -20,8 +20,22 @@ class StorageError(OSError):
     """A URL that cannot be read or written, with the reason in words."""
 
 
-# Fail fast on an unreachable object store instead of botocore's minute-long retry loop.
-_S3_DEFAULTS = {"config_kwargs": {"connect_timeout": 10, "read_timeout": 120, "retries": {"max_attempts": 3}}}
+# Fail fast on an unreachable or silent object store instead of botocore's minute-long retry
+# loops: connect and read (per socket read, not per transfer) timeouts in seconds, settable for
+# slow links by D2V_S3_CONNECT_TIMEOUT / D2V_S3_READ_TIMEOUT; with s3fs's and botocore's retries
+# a store that accepts connections and never answers is reported after a few read timeouts.
+_S3_RETRIES = 2  # botocore attempts per call, and s3fs's retries of a failed call
+
+
+def _s3_defaults() -> dict:
+    timeouts = {}
+    for key, default in (("connect_timeout", 10.0), ("read_timeout", 30.0)):
+        name = f"D2V_S3_{key.upper()}"
+        try:
+            timeouts[key] = float(os.environ.get(name, default))
+        except ValueError:
+            raise StorageError(f"{name}={os.environ[name]!r}: expected seconds") from None
+    return {"config_kwargs": {**timeouts, "retries": {"max_attempts": _S3_RETRIES}}}
 
 
 @dataclass(frozen=True)
@@ -40,15 +54,15 @@ class Location:
         options = dict(self.storage_options)
         s3 = self.protocol in ("s3", "s3a")
         if s3:
-            for key, value in _S3_DEFAULTS.items():
+            for key, value in _s3_defaults().items():
                 options.setdefault(key, value)
         if fail_fast:
             options["skip_instance_cache"] = True
             if s3:
                 options["config_kwargs"] = {**options["config_kwargs"], "retries": {"max_attempts": 1}}
         fs, root = fsspec.core.url_to_fs(self.url, **options)
-        if fail_fast and s3:
-            fs.retries = 1
+        if s3:
+            fs.retries = 1 if fail_fast else _S3_RETRIES
         return fs, root.rstrip("/") if root not in ("/", "") else root
 
     def child(self, *parts: str) -> Location:

@@ -52,3 +52,38 @@ def test_the_trainer_refuses_an_unwritable_checkpoint_url_before_training(speech
         cwd=REPO, capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     _one_line_error(result, "checkpoint.url", str(blocker))
     assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+
+
+def test_a_silent_object_store_is_reported_within_seconds():
+    """An endpoint that accepts connections and never answers: a message after a bounded time."""
+    import socket
+    import threading
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(64)
+    held = []
+
+    def accept_and_hold():
+        while True:
+            try:
+                held.append(server.accept()[0])
+            except OSError:
+                return
+
+    threading.Thread(target=accept_and_hold, daemon=True).start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{server.getsockname()[1]}", "AWS_ACCESS_KEY_ID": "k",
+           "AWS_SECRET_ACCESS_KEY": "s", "AWS_DEFAULT_REGION": "us-east-1", "D2V_S3_READ_TIMEOUT": "1",
+           "D2V_S3_CONNECT_TIMEOUT": "1"}
+    try:
+        for args in (["data", "inspect", "s3://bucket/dataset"],
+                     ["data", "stream", "s3://bucket/dataset", "--split", "train", "--batch-size", "2"]):
+            started = time.monotonic()
+            result = run_d2v(*args, env=env, check=False, timeout=120)
+            took = time.monotonic() - started
+            _one_line_error(result, "timeout")
+            assert took < 40, f"{args[1]} took {took:.0f} s to report a silent store"
+    finally:
+        server.close()
+        for conn in held:
+            conn.close()
