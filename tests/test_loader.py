@@ -254,3 +254,14 @@ def test_whole_picture_transforms_train_on_exactly_what_evaluation_scores(tmp_pa
 def test_image_transform_errors_name_the_setting(options, message):
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         ImageTransform(**options)
+
+
+def test_stream_counts_the_batches_it_consumed_not_the_prefetched_ones(speech_dataset):
+    import re
+
+    from tests.helpers import run_d2v
+
+    result = run_d2v("data", "stream", speech_dataset, "--split", "train-clean-100", "--eval", "--batch-size", "1",
+                     "--max-batches", "2", "--workers", "2")
+    done = result.stdout.strip().splitlines()[-1]
+    assert re.search(r"batches 2, samples 2, ", done), done

@@ -144,6 +144,7 @@ class StreamingLoader:
                 self._served += 1  # handed out = consumed: a state saved now resumes after this batch
                 if batch is None:
                     continue  # every sample came from skipped bad shards
+                self._count(batch)  # here, not in _load: prefetched batches are not delivered yet
                 yield batch
             finished = True
         finally:
@@ -152,6 +153,16 @@ class StreamingLoader:
         self.epoch += 1
         self._start = 0
         self._served = 0
+
+    def _count(self, batch: dict) -> None:
+        samples = len(batch["keys"])
+        real = int((~batch["padding_mask"]).sum()) if "padding_mask" in batch else 0  # samples or tokens
+        if self.index.modality == "speech":
+            self.throughput.add(samples, audio_seconds=real / self.frame_grid.sample_rate)
+        elif self.index.modality == "text":
+            self.throughput.add(samples, tokens=real)
+        else:
+            self.throughput.add(samples)
 
     def _load(self, item: tuple[GlobalBatch, bool, int]) -> dict:
         plan, padding, epoch = item
@@ -181,8 +192,6 @@ class StreamingLoader:
             batch = collate.collate_speech(items, keys, pad=plan.crop_length is None)
             if "transcript" in columns:
                 batch["transcripts"] = [columns["transcript"][plan.samples[j]] for j in keep]
-            audio = sum(len(wav) for wav, _ in items) / self.frame_grid.sample_rate
-            self.throughput.add(len(items), audio_seconds=audio)
         elif modality == "vision":
             rngs, tf = rng.spawn(len(keep)), self.image_transform
             items = [decode.decode_image(fetched[j].data, fetched[j].mask, variant=variant, train=self.train,
@@ -191,7 +200,6 @@ class StreamingLoader:
                      for j, r in zip(keep, rngs)]
             labels = [int(columns["label"][plan.samples[j]]) for j in keep]
             batch = collate.collate_images(items, keys, labels)
-            self.throughput.add(len(items))
         else:
             tokenizer = self.index.dataset.tokenizer
             items = [decode.decode_tokens(fetched[j].data, fetched[j].mask, variant=variant) for j in keep]
@@ -200,7 +208,6 @@ class StreamingLoader:
                                          special_ids=(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
                                                       tokenizer.unk_id, tokenizer.mask_id),
                                          rng=rng)
-            self.throughput.add(len(items), tokens=sum(len(tokens) for tokens, _ in items))
         batch.update({"epoch": epoch, "batch": plan.number, "padding": padding})
         if skipped:
             batch["skipped"] = skipped  # samples of skipped bad shards left out of this batch
