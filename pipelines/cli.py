@@ -87,8 +87,10 @@ def run(args: argparse.Namespace) -> int:
 
         report = verify(Location(args.url))
         if not report.ok:
-            shard, problem = report.broken[0]
-            print(f"BROKEN {shard}: {problem}", file=sys.stderr)
+            for shard, problem in report.broken:
+                print(f"BROKEN {shard}: {problem}", file=sys.stderr)
+            print(f"{len(report.broken)} of {report.shards} shards broken; {report.samples} samples in the intact ones",
+                  file=sys.stderr)
             return 1
         print(f"OK: {report.shards} shards, {report.samples} samples verified")
         return 0

@@ -92,13 +92,17 @@ class VerifyReport:
         return not self.broken
 
 
-def verify(location: Location, *, stop_at_first: bool = True) -> VerifyReport:
-    """Re-read every shard: checksum, size, and every index row against the tar's members."""
+def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
+    """Re-read every shard: checksum, size, and every index row against the tar's members; every
+    broken shard is reported (`stop_at_first`: the first only)."""
     dataset, fs, root = read_dataset(location)
     broken: list[tuple[str, str]] = []
     samples = 0
     for shard in dataset.shards:
-        problem = _check_shard(fs, root, dataset, shard)
+        try:
+            problem = _check_shard(fs, root, dataset, shard)
+        except Exception as exc:  # noqa: BLE001 - whatever a damaged shard makes a reader raise
+            problem = f"cannot be checked: {type(exc).__name__}: {exc}"
         if problem:
             broken.append((shard.name, problem))
             if stop_at_first:

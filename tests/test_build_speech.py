@@ -129,13 +129,17 @@ def test_verify_passes_then_names_the_first_broken_shard(built, tmp_path):
 
     copy = tmp_path / "copy"
     shutil.copytree(out, copy)
-    victim = dataset.shards[1]
-    data = bytearray((copy / victim.name).read_bytes())
-    data[700] ^= 0xFF
-    (copy / victim.name).write_bytes(bytes(data))
+    victims = [dataset.shards[1], dataset.shards[-1]]
+    for victim in victims:
+        data = bytearray((copy / victim.name).read_bytes())
+        data[700] ^= 0xFF
+        (copy / victim.name).write_bytes(bytes(data))
     result = run_d2v("data", "verify", str(copy), check=False)
-    assert result.returncode != 0
-    assert victim.name in result.stderr and "sha256" in result.stderr
+    assert result.returncode == 1
+    for victim in victims:  # every broken shard, not only the first
+        assert f"BROKEN {victim.name}: sha256" in result.stderr
+    intact = sum(s.samples for s in dataset.shards) - sum(v.samples for v in victims)
+    assert f"2 of {len(dataset.shards)} shards broken; {intact} samples in the intact ones" in result.stderr
 
 
 def test_verify_catches_an_index_that_disagrees_with_its_tar(built, tmp_path):
