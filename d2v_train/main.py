@@ -29,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid configuration: {_one_line(exc)}", file=sys.stderr)
         return 2
 
+    from d2v_train.data.reader import ShardError
     from d2v_train.distributed import close_world
     from d2v_train.trainer import Trainer, TrainingStopped
 
@@ -46,6 +47,9 @@ def main(argv: list[str] | None = None) -> int:
         if trainer.world.main:
             print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 1
+    except ShardError as exc:  # damaged data on this rank's share (data.skip_bad_shards skips it)
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     finally:
         close_world()
 

@@ -265,3 +265,49 @@ def test_stream_counts_the_batches_it_consumed_not_the_prefetched_ones(speech_da
                      "--max-batches", "2", "--workers", "2")
     done = result.stdout.strip().splitlines()[-1]
     assert re.search(r"batches 2, samples 2, ", done), done
+
+
+def test_a_sample_that_cannot_be_decoded_names_its_shard_or_is_skipped(speech_dataset, tmp_path):
+    """Damaged bytes inside a shard (no cache, so no checksum on read): one line naming the shard and
+    the key, exit 2; with --skip-bad-shards the sample is left out and the rest streams."""
+    import json
+    import re
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from tests.helpers import run_d2v
+
+    copy = tmp_path / "damaged"
+    shutil.copytree(speech_dataset, copy)
+    doc = json.loads((copy / "dataset.json").read_text())
+    shard = doc["shards"][0]
+    row = pq.read_table(copy / shard["index"]).to_pylist()[0]
+    tar = bytearray((copy / shard["name"]).read_bytes())
+    tar[row["data_offset"]: row["data_offset"] + 4] = b"JUNK"  # the FLAC's magic
+    (copy / shard["name"]).write_bytes(bytes(tar))
+    args = ["data", "stream", str(copy), "--split", "train-clean-100", "--eval", "--batch-size", "2"]
+    failed = run_d2v(*args, check=False)
+    assert failed.returncode == 2, failed.stderr
+    err = failed.stderr.strip()
+    assert len(err.splitlines()) == 1 and shard["name"] in err and row["key"] in err and "--skip-bad-shards" in err
+    skipped = run_d2v(*args, "--skip-bad-shards")
+    total = sum(s["samples"] for s in doc["shards"])
+    assert re.search(rf"samples {total - 1}, ", skipped.stdout.strip().splitlines()[-1]), skipped.stdout
+    assert row["key"] in skipped.stderr
+    # the trainer: the same line, exit 2, and with data.skip_bad_shards it trains on
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    train = [sys.executable, "d2v_train/main.py", "--config", str(REPO / "configs" / "train_speech_tiny.yaml"),
+             f"data.url={copy}", "train.max_steps=20", "data.workers=1"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    stopped = subprocess.run([*train, f"run_dir={tmp_path / 'a'}"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=300)
+    last = stopped.stderr.strip().splitlines()[-1]
+    assert stopped.returncode == 2 and last.startswith(f"error: shard {shard['name']}: sample {row['key']} cannot be")
+    went_on = subprocess.run([*train, f"run_dir={tmp_path / 'b'}", "data.skip_bad_shards=true"], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert went_on.returncode == 0, went_on.stderr

@@ -8,6 +8,7 @@ batches done + r, done + r + W, ...
 """
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
@@ -19,11 +20,13 @@ import torchdata.nodes as tn
 from d2v_train.data import collate, decode
 from d2v_train.data.index import SplitIndex
 from d2v_train.data.plan import BatchPolicy, GlobalBatch, plan_epoch, rank_batch_numbers
-from d2v_train.data.reader import SampleRequest, ShardReader
+from d2v_train.data.reader import SampleRequest, ShardError, ShardReader
 from d2v_train.data.transforms import ImageTransform
 from pipelines.storage import Location
 from schemas import FrameGrid
 from schemas.arrow import DATA_SUFFIX
+
+log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _REQUEST_COLUMNS = ("sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
@@ -140,7 +143,7 @@ class StreamingLoader:
         node = tn.PinMemory(prefetcher) if torch.cuda.is_available() else prefetcher
         finished = False
         try:
-            for batch in tn.Loader(node, restart_on_stop_iteration=False):
+            for batch in _unwrapped_errors(tn.Loader(node, restart_on_stop_iteration=False)):
                 self._served += 1  # handed out = consumed: a state saved now resumes after this batch
                 if batch is None:
                     continue  # every sample came from skipped bad shards
@@ -153,6 +156,31 @@ class StreamingLoader:
         self.epoch += 1
         self._start = 0
         self._served = 0
+
+    def _decoded(self, requests, fetched, keep: list[int], decode_one) -> list:
+        """`decode_one(j)` for each j of `keep`; a sample that cannot be decoded (damaged bytes) is a
+        ShardError naming its shard and key, or with skip_bad_shards is dropped from `keep`, counted
+        and logged."""
+        items, good = [], []
+        for j in keep:
+            try:
+                items.append(decode_one(j))
+                good.append(j)
+            except Exception as exc:  # noqa: BLE001 - whatever damaged bytes make a decoder raise
+                shard = self.reader.shards[requests[j].shard].name
+                problem = f"sample {fetched[j].key} cannot be decoded ({type(exc).__name__}: {exc})"
+                if not self.reader.skip_bad_shards:
+                    raise ShardError(shard, problem + "; data.skip_bad_shards / --skip-bad-shards skips such "
+                                                      "samples") from None
+                log.warning("skipping shard %s: %s", shard, problem)
+                self.reader.stats.add(skipped_samples=1)
+        keep[:] = good
+        return items
+
+    def _empty(self, skipped: int, epoch: int, plan, padding: bool) -> dict | None:
+        if not self.keep_empty_batches:
+            return None
+        return {"keys": [], "skipped": skipped, "epoch": epoch, "batch": plan.number, "padding": padding}
 
     def _count(self, batch: dict) -> None:
         samples = len(batch["keys"])
@@ -174,35 +202,41 @@ class StreamingLoader:
         keep = [j for j, sample in enumerate(fetched) if sample is not None]
         variant = epoch % self.variants
         rng = np.random.default_rng([self.seed, epoch, plan.number, 5])
-        skipped = len(requests) - len(keep)
         if not keep:
-            if not self.keep_empty_batches:
-                return None
-            return {"keys": [], "skipped": skipped, "epoch": epoch, "batch": plan.number, "padding": padding}
-        keys = [fetched[j].key for j in keep]
+            return self._empty(len(requests), epoch, plan, padding)
         modality = self.index.modality
         if modality == "speech":
-            items = [
-                decode.decode_speech(fetched[j].data, fetched[j].mask, variant=variant,
-                                     crop_length=plan.crop_length,
-                                     crop_offset=int(plan.crop_offsets[j]) if plan.crop_offsets is not None else 0,
-                                     frame_grid=self.frame_grid)
-                for j in keep
-            ]
+            items = self._decoded(requests, fetched, keep, lambda j: decode.decode_speech(
+                fetched[j].data, fetched[j].mask, variant=variant, crop_length=plan.crop_length,
+                crop_offset=int(plan.crop_offsets[j]) if plan.crop_offsets is not None else 0,
+                frame_grid=self.frame_grid))
+            skipped = len(requests) - len(keep)
+            if not keep:
+                return self._empty(skipped, epoch, plan, padding)
+            keys = [fetched[j].key for j in keep]
             batch = collate.collate_speech(items, keys, pad=plan.crop_length is None)
             if "transcript" in columns:
                 batch["transcripts"] = [columns["transcript"][plan.samples[j]] for j in keep]
         elif modality == "vision":
-            rngs, tf = rng.spawn(len(keep)), self.image_transform
-            items = [decode.decode_image(fetched[j].data, fetched[j].mask, variant=variant, train=self.train,
-                                         rng=r, size=self.image_size, scale=tf.crop_scale, hflip=tf.hflip,
-                                         eval_resize=tf.eval_resize(self.image_size))
-                     for j, r in zip(keep, rngs)]
+            tf = self.image_transform
+            rngs = dict(zip(keep, rng.spawn(len(keep))))
+            items = self._decoded(requests, fetched, keep, lambda j: decode.decode_image(
+                fetched[j].data, fetched[j].mask, variant=variant, train=self.train, rng=rngs[j],
+                size=self.image_size, scale=tf.crop_scale, hflip=tf.hflip, eval_resize=tf.eval_resize(self.image_size)))
+            skipped = len(requests) - len(keep)
+            if not keep:
+                return self._empty(skipped, epoch, plan, padding)
+            keys = [fetched[j].key for j in keep]
             labels = [int(columns["label"][plan.samples[j]]) for j in keep]
             batch = collate.collate_images(items, keys, labels)
         else:
             tokenizer = self.index.dataset.tokenizer
-            items = [decode.decode_tokens(fetched[j].data, fetched[j].mask, variant=variant) for j in keep]
+            items = self._decoded(requests, fetched, keep,
+                                  lambda j: decode.decode_tokens(fetched[j].data, fetched[j].mask, variant=variant))
+            skipped = len(requests) - len(keep)
+            if not keep:
+                return self._empty(skipped, epoch, plan, padding)
+            keys = [fetched[j].key for j in keep]
             batch = collate.collate_text(items, keys, pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id,
                                          vocab_size=tokenizer.vocab_size,
                                          special_ids=(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
@@ -215,6 +249,16 @@ class StreamingLoader:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _unwrapped_errors(batches):
+    """torchdata re-raises a worker's ShardError with the worker's traceback folded into its
+    message (once per node it passes): hand on the message the reader wrote."""
+    try:
+        yield from batches
+    except ShardError as exc:
+        marker = f"{ShardError.__module__}.{ShardError.__qualname__}: "
+        raise ShardError(str(exc).rsplit(marker, 1)[-1].strip()) from None
 
 
 def _stop_threads(*nodes) -> None:

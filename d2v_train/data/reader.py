@@ -61,7 +61,7 @@ class SampleBytes:
     mask: bytes
 
 
-class ShardError(RuntimeError):
+class ShardError(OSError):
     """A shard that cannot be read as its index says; names the shard (relative path) and the problem."""
 
     def __init__(self, shard: str, problem: str | None = None) -> None:
@@ -69,6 +69,9 @@ class ShardError(RuntimeError):
         super().__init__(shard if problem is None else f"shard {shard}: {problem}")
         self.shard = shard
         self.problem = problem
+
+    def __str__(self) -> str:  # OSError would prefix an errno when given two arguments; it never is
+        return str(self.args[0])
 
     def __reduce__(self):  # so it crosses process boundaries (loader workers) intact
         return type(self), (self.shard, self.problem)
