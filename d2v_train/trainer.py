@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -136,10 +138,10 @@ class Trainer:
         url = self.cfg.checkpoint_url
         if self.world.main:  # before any update: the first save is checkpoint.every_steps away
             check_output(url, "checkpoint.url", folder=True)
-        folder = checkpoint.resolve(url)
+        folder = self._load_newest_readable(url)
         if folder is not None:
-            state = self._state()
-            checkpoint.load(state, folder)
+            state = self._loaded_state
+            del self._loaded_state
             set_model_state_dict(self.model, state["model"])
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
             set_model_state_dict(self.teacher, state["teacher"])
@@ -159,6 +161,35 @@ class Trainer:
             dist.barrier()  # no rank logs keys before rank 0 has truncated the files
         self.resumed_from = folder
         return folder
+
+    def _load_newest_readable(self, url: str) -> str | None:
+        """The newest complete checkpoint that loads (its state kept in `_loaded_state`): one whose
+        files were damaged after the save (a truncated .distcp) is passed over, with a warning, for
+        the one before it. DCP loads collectively, so every rank sees the same failure."""
+        named = checkpoint.resolve(url)
+        if named is None:
+            return None
+        steps = checkpoint.complete_steps(url) if named != url else []  # url may name one checkpoint itself
+        candidates = [checkpoint.step_folder(url, s) for s in reversed(steps)] or [named]
+        for n, folder in enumerate(candidates):
+            state = self._state()
+            try:
+                checkpoint.load(state, folder)
+            except checkpoint.UnsafeCheckpointError:
+                raise
+            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any damage: try the one before
+                # (DCP's CheckpointException is a BaseException; its text ends with the rank's error)
+                lines = str(exc).strip().splitlines() or [type(exc).__name__]
+                reason = lines[-1].strip()[-200:]
+                if n + 1 == len(candidates):
+                    raise ValueError(f"no checkpoint under {url} can be loaded; the oldest, {folder}: {reason}") from None
+                if self.world.main:
+                    print(f"warning: checkpoint {folder} cannot be loaded ({reason}); resuming from "
+                          f"{candidates[n + 1]} instead", file=sys.stderr, flush=True)
+                continue
+            self._loaded_state = state
+            return folder
+        return None
 
     # -- training -----------------------------------------------------------------------------
     def train(self) -> int:

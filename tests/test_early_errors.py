@@ -87,3 +87,22 @@ def test_a_silent_object_store_is_reported_within_seconds():
         server.close()
         for conn in held:
             conn.close()
+
+
+def test_a_truncated_checkpoint_falls_back_to_the_one_before(speech_dataset, tmp_path):
+    def train(steps: int) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "d2v_train/main.py", "--config", TINY, f"data.url={speech_dataset}",
+             f"run_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "checkpoint.every_steps=2",
+             "data.workers=1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+            env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+    assert train(4).returncode == 0
+    newest = tmp_path / "run" / "checkpoints" / "step-00000004"
+    payload = next(newest.glob("*.distcp"))
+    payload.write_bytes(payload.read_bytes()[:1000])  # a copy or a disk that lost the tail
+    resumed = train(6)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"warning: checkpoint {newest} cannot be loaded" in resumed.stderr
+    assert "resumed from" in resumed.stdout and "step-00000002 at step 2" in resumed.stdout
+    assert (tmp_path / "run" / "checkpoints" / "step-00000006").exists()
