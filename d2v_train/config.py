@@ -82,6 +82,8 @@ class CheckpointConfig(_Strict):
     every_steps: int = Field(1000, ge=1)
     keep: int = Field(3, ge=1)
     async_save: bool = False  # write in a background thread while training goes on
+    # resume even where the model or the batch plan differs from the checkpoint's (refused otherwise)
+    allow_changes: bool = False
 
 
 class GuardConfig(_Strict):

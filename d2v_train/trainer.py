@@ -46,6 +46,45 @@ SIGTERM_EXIT = 143
 STEP_TOTALS = ("loss_sum", "masked", "samples", "units", "stop", "rank_sum", "ranks", "lost_samples")
 
 
+# What a resumed run must share with its checkpoint: the model, and the settings the epoch plan is
+# a function of (the dataset's URL may move, the world size may change: elastic resume).
+_PLAN_FIELDS = ("split", "max_tokens", "batch_size", "min_sample_size", "max_sample_size", "shuffle_block")
+
+
+def check_resumable(cfg: TrainConfig, folder: str) -> None:
+    """Refuse, naming the settings, to resume `folder` with another model or batch plan (the run
+    would fail to load, or silently continue on another plan); checkpoint.allow_changes overrides."""
+    from pipelines.storage import Location
+
+    fs, root = Location(folder).filesystem()
+    path = f"{root.rstrip('/')}/{checkpoint.CONFIG_FILE}"
+    if not fs.exists(path):
+        return  # written before configs were stored beside checkpoints: nothing to compare
+    saved = TrainConfig.model_validate_json(fs.cat_file(path))
+    changed = [f"model.{k}" for k, v in _flat(cfg.model.model_dump()).items()
+               if _flat(saved.model.model_dump()).get(k) != v]
+    changed += [f"data.{k}" for k in _PLAN_FIELDS if getattr(cfg.data, k) != getattr(saved.data, k)]
+    if changed:
+        shown = ", ".join(f"{k} {_get(saved, k)!r} -> {_get(cfg, k)!r}" for k in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ValueError(f"the checkpoint at {folder} was trained with other settings: {shown}{more}; use the "
+                         "checkpoint's, another checkpoint.url, or checkpoint.allow_changes=true to resume anyway")
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _get(cfg: TrainConfig, dotted: str):
+    return _flat(cfg.model_dump()).get(dotted)
+
+
 class TrainingStopped(RuntimeError):
     """The run cannot go on (non-finite loss, collapse): the message says why."""
 
@@ -169,6 +208,8 @@ class Trainer:
         named = checkpoint.resolve(url)
         if named is None:
             return None
+        if not self.cfg.checkpoint.allow_changes:
+            check_resumable(self.cfg, named)
         steps = checkpoint.complete_steps(url) if named != url else []  # url may name one checkpoint itself
         candidates = [checkpoint.step_folder(url, s) for s in reversed(steps)] or [named]
         for n, folder in enumerate(candidates):

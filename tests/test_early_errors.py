@@ -90,11 +90,11 @@ def test_a_silent_object_store_is_reported_within_seconds():
 
 
 def test_a_truncated_checkpoint_falls_back_to_the_one_before(speech_dataset, tmp_path):
-    def train(steps: int) -> subprocess.CompletedProcess:
+    def train(steps: int, *more: str) -> subprocess.CompletedProcess:
         return subprocess.run(
             [sys.executable, "d2v_train/main.py", "--config", TINY, f"data.url={speech_dataset}",
              f"run_dir={tmp_path / 'run'}", f"train.max_steps={steps}", "checkpoint.every_steps=2",
-             "data.workers=1"], cwd=REPO, capture_output=True, text=True, timeout=300,
+             "data.workers=1", *more], cwd=REPO, capture_output=True, text=True, timeout=300,
             env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
 
     assert train(4).returncode == 0
@@ -106,3 +106,8 @@ def test_a_truncated_checkpoint_falls_back_to_the_one_before(speech_dataset, tmp
     assert f"warning: checkpoint {newest} cannot be loaded" in resumed.stderr
     assert "resumed from" in resumed.stdout and "step-00000002 at step 2" in resumed.stdout
     assert (tmp_path / "run" / "checkpoints" / "step-00000006").exists()
+    # another batch plan or model on resume: refused by name, unless asked for
+    _one_line_error(train(8, "data.max_tokens=100000", "model.encoder.ffn_dim=256"),
+                    "model.encoder.ffn_dim 128 -> 256", "data.max_tokens 160000 -> 100000", "checkpoint.allow_changes")
+    forced = train(8, "data.max_tokens=100000", "checkpoint.allow_changes=true")
+    assert forced.returncode == 0 and "step-00000006 at step 6" in forced.stdout, forced.stderr
