@@ -69,6 +69,7 @@ class PretrainRequest(BaseModel):
     shard_size: str = "256MB"
     mask_variants: PositiveInt = 4
     seed: NonNegativeInt = 0
+    overwrite_dataset: bool = False  # replace a dataset of other build parameters under output/dataset
     vocab_size: PositiveInt = 8000  # text: the BPE trained on the corpus
     build_workers: NonNegativeInt | None = None  # local Dask cluster size (default: CPU count; 0: in-process)
     dask_address: str | None = None  # an existing Dask scheduler instead
@@ -235,7 +236,7 @@ def build_options(req: PretrainRequest):
     from pipelines.build import BuildOptions
     from pipelines.plan import ShardSize
 
-    return BuildOptions(ShardSize.parse(req.shard_size), req.mask_variants, req.seed)
+    return BuildOptions(ShardSize.parse(req.shard_size), req.mask_variants, req.seed, overwrite=req.overwrite_dataset)
 
 
 @task(name="build-shards-on-dask")
@@ -424,7 +425,7 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
              eval_data: str | None = None, train_overrides: list[str] | None = None,
              eval_args: list[str] | None = None, pretrain_split: str | None = None, labelled_split: str | None = None,
              eval_split: str | None = None, eval_budgets: list[str] | None = None, eval_seeds: PositiveInt = 3,
-             eval_jobs: PositiveInt | None = None) -> dict:
+             eval_jobs: PositiveInt | None = None, overwrite_dataset: bool = False) -> dict:
     """Build shards, pre-train, evaluate against a random encoder, report; everything under `output`."""
     req = PretrainRequest(
         modality=modality, source=source, output=output, preset=preset, variant=variant, max_steps=max_steps, nproc=nproc,
@@ -433,7 +434,7 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
         dask_cluster_kwargs=dask_cluster_kwargs or {}, eval_steps=eval_steps, eval_data=eval_data,
         train_overrides=train_overrides or [], eval_args=eval_args or [], pretrain_split=pretrain_split,
         labelled_split=labelled_split, eval_split=eval_split, eval_budgets=eval_budgets, eval_seeds=eval_seeds,
-        eval_jobs=eval_jobs,
+        eval_jobs=eval_jobs, overwrite_dataset=overwrite_dataset,
     )
     # A Dask cluster only when there is something to build (a finished build is skipped in a blink).
     on_dask = req.build_workers != 0 and finished_build(req) is None

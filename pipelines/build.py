@@ -54,6 +54,7 @@ class BuildOptions:
     shard_size: ShardSize = field(default_factory=lambda: ShardSize.parse(DEFAULT_SHARD_SIZE))
     mask_variants: int = 4
     seed: int = 0
+    overwrite: bool = False  # replace a dataset of other inputs or parameters at the output (its shards too)
 
     def __post_init__(self) -> None:
         if self.mask_variants < 1:
@@ -216,7 +217,7 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
     params_digest = hashlib.sha256(json.dumps(build, sort_keys=True).encode()).hexdigest()
     plans = plan_shards(scan.manifest, seed=options.seed, size=options.shard_size, build_fingerprint=params_digest)
     fingerprint = hashlib.sha256("\n".join([params_digest] + [p.fingerprint for p in plans]).encode()).hexdigest()
-    _retire_other_build(fs, root, fingerprint, echo)
+    _retire_other_build(fs, root, fingerprint, echo, overwrite=options.overwrite, where=out.public_url())
 
     job = _Job(source, out, options.mask_variants, options.seed, mask_kind, mask_params)
     results: list[ShardResult] = [None] * len(plans)  # type: ignore[list-item]
@@ -274,8 +275,9 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
     return dataset
 
 
-def _retire_other_build(fs, root: str, fingerprint: str, echo) -> None:
-    """A dataset.json of a different build must not name shards this build is about to replace."""
+def _retire_other_build(fs, root: str, fingerprint: str, echo, *, overwrite: bool, where: str) -> None:
+    """A dataset of a different build at the output is refused, or with `overwrite` removed whole
+    (dataset.json first, so no reader trusts shards being replaced; then its shards and indexes)."""
     path = join(root, DATASET_JSON)
     if is_local(fs):
         _remove_stale_temp_files(fs, root)
@@ -286,8 +288,14 @@ def _retire_other_build(fs, root: str, fingerprint: str, echo) -> None:
     except Exception:  # noqa: BLE001
         current = None
     if current != fingerprint:
-        echo("output holds a dataset built with other inputs or parameters: replacing it")
+        if not overwrite:
+            raise ValueError(f"{where} holds a dataset built with other inputs or parameters; build into another "
+                             "output, or pass --overwrite (the flow: overwrite_dataset) to replace it")
+        echo("output holds a dataset built with other inputs or parameters: replacing it and its shards")
         fs.rm_file(path)
+        for folder in ("shards", "index"):
+            if fs.isdir(join(root, folder)):
+                fs.rm(join(root, folder), recursive=True)
 
 
 def _remove_stale_temp_files(fs, root: str) -> None:

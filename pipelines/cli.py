@@ -66,7 +66,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     where.add_argument("--scheduler", default=None, help="address of an existing Dask scheduler, e.g. tcp://host:8786")
     parser.add_argument("--shard-size", default="256MB", help="bytes of source data (256MB) or samples (1000) per shard")
     parser.add_argument("--mask-variants", type=int, default=4, help="independent mask variants stored per sample")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shard order and the stored masks")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a dataset of other inputs or parameters at OUT, its shards included")
     parser.add_argument("--storage-options", default=None,
                         help="JSON of fsspec options for SRC and OUT (credentials belong in the environment)")
 
@@ -101,7 +103,8 @@ def _build(args: argparse.Namespace) -> int:
     from pipelines.build import BuildOptions, build_dataset
 
     options = json.loads(args.storage_options) if args.storage_options else {}
-    build_options = BuildOptions(ShardSize.parse(args.shard_size), args.mask_variants, args.seed)
+    build_options = BuildOptions(ShardSize.parse(args.shard_size), args.mask_variants, args.seed,
+                                 overwrite=args.overwrite)
     if args.source == "librispeech":
         from pipelines.sources.librispeech import LibriSpeechSource
 

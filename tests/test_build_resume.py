@@ -95,14 +95,23 @@ def test_a_tar_without_its_index_or_of_the_wrong_size_is_rebuilt(corpus, tmp_pat
 def test_rebuild_with_other_parameters_replaces_the_dataset(corpus, tmp_path):
     out = tmp_path / "out"
     _clean_build(corpus, out, shard_size="6")
+    before = read_dataset_json(out)
+    other = BuildOptions(ShardSize.parse("12"), mask_variants=3, seed=0)
+    with pytest.raises(ValueError, match="holds a dataset built with other inputs or parameters.*--overwrite"):
+        build_dataset(LibriSpeechSource(Location(corpus.source), SUBSETS), Location(str(out)), other, workers=0,
+                      echo=lambda *_: None)
+    assert read_dataset_json(out) == before  # refused: nothing touched
     messages: list[str] = []
     rebuilt = build_dataset(
         LibriSpeechSource(Location(corpus.source), SUBSETS), Location(str(out)),
-        BuildOptions(ShardSize.parse("6"), mask_variants=3, seed=0), workers=0, echo=messages.append,
+        BuildOptions(ShardSize.parse("12"), mask_variants=3, seed=0, overwrite=True), workers=0,
+        echo=messages.append,
     )
     assert "(0 already done)" in messages[-1]
     assert any("replacing" in m for m in messages)
     assert read_dataset_json(out)["mask"]["variants"] == 3 == rebuilt.mask.variants
+    on_disk = {str(p.relative_to(out)) for p in (out / "shards").iterdir()}
+    assert on_disk == {s.name for s in rebuilt.shards}, "the old build's shards are gone"
 
 
 def _clean_build_echo(corpus, out, messages):
