@@ -122,14 +122,8 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _crop_holds_a_frame(self) -> TrainConfig:
-        frontend = self.model.frontend
-        if self.model.modality == "speech" and getattr(frontend, "conv_layers", None):
-            field = 0  # receptive field of the CNN in samples: one frame needs at least this many
-            jump = 1
-            for _, kernel, stride in frontend.conv_layers:
-                field += (kernel - 1) * jump
-                jump *= stride
-            field += 1
+        field = getattr(self.model.frontend, "receptive_field", None)  # speech: samples one frame needs
+        if field is not None:
             if self.data.max_sample_size < field:
                 raise ValueError(f"data.max_sample_size ({self.data.max_sample_size}) is shorter than one frame of "
                                  f"the model's feature encoder ({field} samples)")

@@ -74,7 +74,16 @@ def encode(url: str, inputs: list[str], *, layer: int | None = None) -> list[np.
         raise ValueError(f"--layer {layer}: the encoder has blocks 1..{layers}")
     outputs = []
     for path in inputs:
-        x_BTD, padding_BT = model.student.embed(_batch(cfg, path))
+        try:
+            batch = _batch(cfg, path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"{path}: no such file") from None
+        except ValueError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a file of another kind or damaged: say which one
+            raise ValueError(f"{path}: cannot be read as {cfg.model.modality} input "
+                             f"({type(exc).__name__}: {' '.join(str(exc).split())})") from None
+        x_BTD, padding_BT = model.student.embed(batch)
         result = model.student(x_BTD, padding_BT, return_from=None if layer is None else layer - 1, target="block")
         hidden = result.x_BTD if layer is None else result.layers[0]
         outputs.append(hidden[0].float().numpy())
@@ -94,6 +103,9 @@ def _batch(cfg: TrainConfig, path: str) -> dict:
         if rate != 16000 or audio.shape[1] != 1:
             raise ValueError(f"{path}: expected 16 kHz mono audio, got {rate} Hz with {audio.shape[1]} channel(s)")
         wav = audio[:, 0]
+        shortest = cfg.model.frontend.receptive_field
+        if wav.size < shortest:
+            raise ValueError(f"{path}: {wav.size} samples, shorter than one frame of the encoder ({shortest})")
         wav = (wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)  # as the loader normalises
         source = torch.from_numpy(wav[None].astype(np.float32))
         return {"source": source, "padding_mask": torch.zeros_like(source, dtype=torch.bool)}

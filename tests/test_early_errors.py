@@ -111,3 +111,29 @@ def test_a_truncated_checkpoint_falls_back_to_the_one_before(speech_dataset, tmp
                     "model.encoder.ffn_dim 128 -> 256", "data.max_tokens 160000 -> 100000", "checkpoint.allow_changes")
     forced = train(8, "data.max_tokens=100000", "checkpoint.allow_changes=true")
     assert forced.returncode == 0 and "step-00000006 at step 6" in forced.stdout, forced.stderr
+
+
+def test_encode_names_the_file_it_cannot_use(tmp_path):
+    import io
+
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    from d2v_train import checkpoint
+    from d2v_train.config import load_train_config
+    from d2v_train.models.data2vec import build_model
+
+    cfg = load_train_config(TINY, ["data.url=/nowhere"])
+    ckpt = checkpoint.save({"model": build_model(cfg.model).state_dict()}, str(tmp_path / "ck"), 1, keep=1,
+                           config_json=cfg.model_dump_json())
+    picture = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(picture, format="PNG")
+    clip = io.BytesIO()
+    soundfile.write(clip, np.zeros(100, dtype=np.float32), 16000, format="FLAC")
+    files = {"picture.png": picture.getvalue(), "notes.txt": b"hello", "empty.flac": b"", "clip.flac": clip.getvalue()}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+        result = run_d2v("encode", ckpt, str(tmp_path / name), "--out", str(tmp_path / "x.npy"), check=False)
+        _one_line_error(result, str(tmp_path / name))
+    assert "100 samples, shorter than one frame of the encoder (400)" in result.stderr

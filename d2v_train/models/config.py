@@ -85,6 +85,15 @@ class SpeechEncoderConfig(_Strict):
         return v
 
     @property
+    def receptive_field(self) -> int:
+        """Samples one frame sees (400 for the standard CNN): no shorter input gives a frame."""
+        field, jump = 1, 1
+        for _, kernel, stride in self.conv_layers:
+            field += (kernel - 1) * jump
+            jump *= stride
+        return field
+
+    @property
     def hop(self) -> int:
         """Samples per frame (320 for the standard CNN: 50 Hz at 16 kHz)."""
         hop = 1
