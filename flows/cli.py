@@ -18,10 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_stream_arguments(stream)
     export = subparsers.add_parser("export-hf", help="write a checkpoint's encoder as an HF transformers model folder")
     export.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
-    export.add_argument("out_dir")
+    export.add_argument("out_dir", help="folder for config.json and model.safetensors")
     encode = subparsers.add_parser("encode", help="representations of audio, image or text files")
     encode.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
-    encode.add_argument("inputs", nargs="+", metavar="INPUT")
+    encode.add_argument("inputs", nargs="+", metavar="INPUT", help="audio, image or text files (URLs) to encode")
     encode.add_argument("--out", required=True, help="FILE.npy: (T, D) for one input; (N, T_max, D) zero-padded "
                         "for several, with their lengths in FILE.lengths.npy")
     encode.add_argument("--layer", type=int, default=None, help="output of block N (1..layers); default: the final output")
@@ -29,9 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_eval_parser(subparsers)
     demo = subparsers.add_parser("demo", help="generate a small corpus in the real layout and run the pipeline on it")
-    demo.add_argument("modality", choices=["speech", "vision", "text"])
+    demo.add_argument("modality", choices=["speech", "vision", "text"], help="which demo to run")
     demo.add_argument("--out", default="demo", help="folder (or URL) for the corpus and the outputs (default: ./demo)")
-    demo.add_argument("--workers", type=int, default=2)
+    demo.add_argument("--workers", type=int, default=2, help="Dask workers of the shard build")
     demo.add_argument("--variant", choices=["data2vec", "data2vec2"], default="data2vec",
                       help="data2vec2: the data2vec 2.0 efficiency mode's tiny presets")
     serve = subparsers.add_parser("serve", help="serve the Prefect deployments pretrain/speech, pretrain/vision, "

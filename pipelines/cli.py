@@ -23,20 +23,20 @@ def add_parser(subparsers):
     speech.add_argument("src", help="folder (any fsspec URL) holding the subset folders, or its parent")
     speech.add_argument("out", help="output URL (local folder, s3://bucket/prefix, memory://...)")
     speech.add_argument("--subsets", required=True, help="comma-separated, e.g. train-clean-100,dev-clean")
-    speech.add_argument("--mask-prob", type=float, default=0.65)
-    speech.add_argument("--mask-length", type=int, default=10)
+    speech.add_argument("--mask-prob", type=float, default=0.65, help="share of frames that start a masked span")
+    speech.add_argument("--mask-length", type=int, default=10, help="frames per masked span")
     _common(speech)
 
     vision = sources.add_parser("imagenet", help="ImageNet (ILSVRC CLS-LOC or ImageFolder)")
     vision.add_argument("src", help="folder holding ILSVRC/ and the LOC_* files, or an ImageFolder root")
-    vision.add_argument("out")
-    vision.add_argument("--splits", default="train,val")
+    vision.add_argument("out", help="output URL of the dataset")
+    vision.add_argument("--splits", default="train,val", help="comma-separated split folders to build")
     vision.add_argument("--resize-shorter", type=int, default=None,
                         help="downscale so the shorter side is at most N pixels (stored as JPEG)")
     vision.add_argument("--mask-kind", choices=["block", "inverse_block"], default="block",
                         help="block: BEiT (data2vec); inverse_block: data2vec 2.0")
-    vision.add_argument("--image-size", type=int, default=224)
-    vision.add_argument("--patch-size", type=int, default=16)
+    vision.add_argument("--image-size", type=int, default=224, help="training crop side the masks refer to")
+    vision.add_argument("--patch-size", type=int, default=16, help="patch side of the model: masks are per patch")
     _common(vision)
 
     text = sources.add_parser("text", help="raw UTF-8 text (one paragraph per line, blank line between documents)")
@@ -44,18 +44,18 @@ def add_parser(subparsers):
     vocab = text.add_mutually_exclusive_group()
     vocab.add_argument("--vocab-size", type=int, default=None, help="train a byte-level BPE of this size on the corpus")
     vocab.add_argument("--tokenizer", default=None, help="folder with vocab.json + merges.txt (or tokenizer.json)")
-    text.add_argument("--block-size", type=int, default=512)
-    text.add_argument("--valid-fraction", type=float, default=0.01)
-    text.add_argument("--mask-prob", type=float, default=0.15)
+    text.add_argument("--block-size", type=int, default=512, help="tokens per sample, <s> and </s> included")
+    text.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out as the valid split")
+    text.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens masked")
     text.add_argument("--mask-span", type=int, default=1, help="1: BERT masking; >1: spans of this many tokens")
     _common(text)
 
     inspect = commands.add_parser("inspect", help="summarise a built dataset")
-    inspect.add_argument("url")
+    inspect.add_argument("url", help="the dataset (folder holding dataset.json)")
     inspect.add_argument("--json", action="store_true", help="print one JSON object")
 
     verify = commands.add_parser("verify", help="re-read every shard and check it against dataset.json")
-    verify.add_argument("url")
+    verify.add_argument("url", help="the dataset (folder holding dataset.json)")
     return commands
 
 

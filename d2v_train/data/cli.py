@@ -12,11 +12,11 @@ from pipelines.storage import Location
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("url", help="dataset URL (the folder holding dataset.json)")
-    parser.add_argument("--split", required=True)
-    parser.add_argument("--rank", type=int, default=0)
-    parser.add_argument("--world-size", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--split", required=True, help="the split to stream")
+    parser.add_argument("--rank", type=int, default=0, help="stream this rank's share")
+    parser.add_argument("--world-size", type=int, default=1, help="of this many ranks")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the epoch plan")
+    parser.add_argument("--epochs", type=int, default=1, help="epochs to stream")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--batch-size", type=int, default=None, help="images/text (default 32)")
     size.add_argument("--max-tokens", type=int, default=None, help="speech: audio samples per batch (default 1,400,000)")
@@ -25,11 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", default=None, help="a state file written by --state-out")
     parser.add_argument("--keys-out", default=None, help="write the consumed sample keys here, one per line")
     parser.add_argument("--workers", type=int, default=4, help="batches decoded in parallel (threads)")
-    parser.add_argument("--io-threads", type=int, default=8)
+    parser.add_argument("--io-threads", type=int, default=8, help="concurrent range reads")
     parser.add_argument("--eval", action="store_true", help="evaluation order and transforms: no shuffle, no crops")
-    parser.add_argument("--tail", choices=["drop", "pad"], default="drop")
+    parser.add_argument("--tail", choices=["drop", "pad"], default="drop", help="batches that do not fill every rank: dropped, or padded by repeats")
     parser.add_argument("--cache-dir", default=None, help="local cache of whole shards, keyed by sha256")
-    parser.add_argument("--skip-bad-shards", action="store_true")
+    parser.add_argument("--skip-bad-shards", action="store_true", help="skip (and count) unreadable shards and samples instead of stopping")
     parser.add_argument("--report-every", type=float, default=5.0, help="seconds between progress lines")
 
 

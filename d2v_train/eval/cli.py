@@ -35,7 +35,7 @@ def add_parser(subparsers) -> None:
         description="Runs TASK for every checkpoint at every budget (and fine-tuning seed), keeps every result under "
                     "--out/results/, and writes --out/report.md with the curve (metric against labelled amount). "
                     "Options not listed here go to `d2v eval TASK` unchanged (--data, --train-split, --steps, ...).")
-    curve.add_argument("curve_task", metavar="TASK", choices=list(TASKS))
+    curve.add_argument("curve_task", metavar="TASK", choices=list(TASKS), help=f"the task: {', '.join(TASKS)}")
     curve.add_argument("--checkpoint", action="append", required=True, dest="checkpoints",
                        help="a checkpoint (as for d2v eval TASK), or 'random' (needs --model); give several")
     curve.add_argument("--model", default=None, help="the preset of --checkpoint random")
@@ -48,11 +48,11 @@ def add_parser(subparsers) -> None:
     curve.add_argument("--metric", default=None, help="the metric the curve follows (default: the task's: cer, top1, accuracy)")
     curve.add_argument("--out", required=True, help="folder/URL for report.md, curve.png, curve.json and results.json")
     curve.add_argument("--results", default=None, help="folder/URL for every run's result JSON (default: OUT/results)")
-    curve.add_argument("--title", default=None)
+    curve.add_argument("--title", default=None, help="the report's heading")
     report = tasks.add_parser("report", help="a Markdown report with plots comparing result files")
     report.add_argument("results", nargs="+", help="JSON files written by `d2v eval ... --out`")
     report.add_argument("--out", required=True, help="folder for report.md and its PNG plots")
-    report.add_argument("--title", default="d2v evaluation report")
+    report.add_argument("--title", default="d2v evaluation report", help="the report's heading")
 
 
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,8 +61,8 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="with --checkpoint random: a preset (speech_tiny), a YAML file or a checkpoint URL")
     parser.add_argument("--data", required=True, help="the downstream data (URL)")
-    parser.add_argument("--train-split", required=True)
-    parser.add_argument("--eval-split", required=True)
+    parser.add_argument("--train-split", required=True, help="the labelled split to fine-tune on")
+    parser.add_argument("--eval-split", required=True, help="the split to score")
     parser.add_argument("--steps", type=int, default=None, help="fine-tuning updates (task default if omitted)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate (task default if omitted)")
     parser.add_argument("--batch-size", type=int, default=None, help="per rank (task default if omitted)")
@@ -71,7 +71,7 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the labelled subset a budget draws (kept apart from --seed, so that "
                              "fine-tuning seeds vary the training, not the labels)")
     parser.add_argument("--workers", type=int, default=2, help="loader threads per rank")
-    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--log-every", type=int, default=10, help="updates between progress lines")
     parser.add_argument("--label", default=None, help="the name reports give this run (default: step or 'random')")
     parser.add_argument("--out", default=None, help="write the whole result JSON here (any fsspec URL)")
     parser.add_argument("--json", action="store_true",
@@ -88,7 +88,7 @@ def _speech_ctc_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-max-tokens", type=int, default=None, help="per evaluation batch (default: --max-tokens)")
     parser.add_argument("--mask-prob", type=float, default=None,
                         help="time-span masking while fine-tuning (0: none; default: the recipe's, 0.2 or 0.65)")
-    parser.add_argument("--mask-length", type=int, default=10)
+    parser.add_argument("--mask-length", type=int, default=10, help="frames per masked time span")
     parser.add_argument("--mask-channel-prob", type=float, default=None,
                         help="channel-span masking (0: none; default: the recipe's, 0 or 0.1)")
     parser.add_argument("--mask-channel-length", type=int, default=64, help="capped at a quarter of the model width")
@@ -97,8 +97,8 @@ def _speech_ctc_arguments(parser: argparse.ArgumentParser) -> None:
                              "a half or a tenth)")
     parser.add_argument("--train-feature-encoder", action="store_true", help="also fine-tune the CNN (frozen by default)")
     parser.add_argument("--dropout", type=float, default=0.0, help="Transformer dropout and attention dropout")
-    parser.add_argument("--activation-dropout", type=float, default=0.1)
-    parser.add_argument("--layer-drop", type=float, default=0.05)
+    parser.add_argument("--activation-dropout", type=float, default=0.1, help="dropout inside the feed-forward blocks")
+    parser.add_argument("--layer-drop", type=float, default=0.05, help="probability of skipping a block per update")
 
 
 def _crop_range(text: str) -> tuple[float, float]:
@@ -136,7 +136,7 @@ def _text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--glue-task", default=None,
                         help="CoLA, SST-2, MRPC, QQP, MNLI, QNLI, RTE, WNLI (default: from the data folder's name); "
                              "picks the columns and the headline metric")
-    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay")
 
 
 TASK_ARGUMENTS = {"speech-ctc": _speech_ctc_arguments, "image-probe": _image_arguments,
