@@ -119,6 +119,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
         data = cfg.data
+        self._check_dataset_fits_the_model()
         policy = BatchPolicy(batch_size=data.batch_size, max_tokens=data.max_tokens,
                              min_sample_size=data.min_sample_size, max_sample_size=data.max_sample_size,
                              shuffle_block=data.shuffle_block)
@@ -170,6 +171,22 @@ class Trainer:
         if self._pending_save is not None:
             pending, self._pending_save = self._pending_save, None
             pending.wait()
+
+    def _check_dataset_fits_the_model(self) -> None:
+        """The dataset's modality and stored masks against the model, before the first batch."""
+        from pipelines.inspection import read_dataset
+        from pipelines.storage import Location
+
+        dataset, _, _ = read_dataset(Location(self.cfg.data.url))
+        model = self.cfg.model
+        if dataset.modality != model.modality:
+            raise ValueError(f"data.url: {self.cfg.data.url} holds {dataset.modality} shards; the model is {model.modality}")
+        frontend = model.frontend
+        if model.modality == "vision" and (dataset.image_size, dataset.patch_size) != (
+                frontend.image_size, frontend.patch_size):
+            raise ValueError(f"model.frontend: image_size {frontend.image_size} / patch_size {frontend.patch_size}, "
+                             f"but the dataset's masks were drawn for {dataset.image_size} / {dataset.patch_size} "
+                             f"(rebuild with --image-size / --patch-size, or choose a matching preset)")
 
     def resume(self) -> str | None:
         """Load the newest complete checkpoint, if there is one, and forget what was logged after

@@ -137,3 +137,21 @@ def test_encode_names_the_file_it_cannot_use(tmp_path):
         result = run_d2v("encode", ckpt, str(tmp_path / name), "--out", str(tmp_path / "x.npy"), check=False)
         _one_line_error(result, str(tmp_path / name))
     assert "100 samples, shorter than one frame of the encoder (400)" in result.stderr
+
+
+def test_the_trainer_checks_the_dataset_against_the_model_before_training(speech_dataset, tmp_path):
+    from pipelines import synthetic
+
+    spec = synthetic.make_imagenet(str(tmp_path / "corpus"), classes=2, train_per_class=2, val_per_class=1)
+    run_d2v("data", "build", "imagenet", spec.source, str(tmp_path / "pictures"), "--workers", "0",
+            "--image-size", "32", "--patch-size", "8")
+
+    def train(data: str, split: str = "train") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "d2v_train/main.py", "model=vision_tiny", f"data.url={data}", f"data.split={split}",
+             "data.batch_size=2", "data.workers=1", "train.max_steps=5", f"run_dir={tmp_path / 'run'}"],
+            cwd=REPO, capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+
+    _one_line_error(train(str(tmp_path / "pictures")), "model.frontend: image_size 64 / patch_size 8",
+                    "drawn for 32 / 8")
+    _one_line_error(train(speech_dataset, "train-clean-100"), "holds speech shards; the model is vision")
