@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
         if args.command == "demo":
             from flows.demo import run_demo
 
+            _exit_cleanly_on_sigterm()  # the temporary Prefect server and the Dask cluster end with the demo
             return run_demo(args.modality, args.out, workers=args.workers, variant=args.variant)
         if args.command == "serve":
             from flows.serve import MODALITIES, serve
@@ -95,6 +96,18 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
         print(f"error: {' '.join(redact_text(str(exc)).split())}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
+
+
+def _exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (a scheduler, `kill`, a closing terminal) raises SystemExit instead of ending the
+    process on the spot, so that context managers and atexit handlers stop the children this
+    process started (Prefect's temporary server, the local Dask cluster) instead of orphaning them."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _encode(args) -> int:

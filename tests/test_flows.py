@@ -346,3 +346,36 @@ def test_a_failed_training_fails_the_deployment_run_with_the_trainers_error_in_i
     run_id = next(line.split()[-1] for line in result.stdout.splitlines() if "UUID" in line)
     logs = _prefect(served, "flow-run", "logs", run_id)
     assert "split 'no-such-split' not in dataset" in logs.stdout, logs.stdout[-3000:]
+
+
+def test_a_terminated_demo_leaves_no_server_or_worker_behind(tmp_path):
+    """SIGTERM to `d2v demo`: its temporary Prefect server and Dask workers end with it."""
+    psutil = pytest.importorskip("psutil")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update(QUIET, PREFECT_HOME=str(tmp_path / "prefect-home"))
+    demo = subprocess.Popen([sys.executable, "-m", "flows.cli", "demo", "text", "--out", str(tmp_path / "demo")],
+                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    children: list = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any("uvicorn" in " ".join(c.cmdline()) for c in children):  # the temporary server is up
+            assert demo.poll() is None and time.monotonic() < deadline, "the demo did not start its server"
+            time.sleep(0.5)
+            try:
+                children = psutil.Process(demo.pid).children(recursive=True)
+            except psutil.NoSuchProcess:
+                children = []
+        time.sleep(3)  # into the flow: the build's Dask workers too
+        children = psutil.Process(demo.pid).children(recursive=True)
+        demo.send_signal(signal.SIGTERM)
+        demo.wait(timeout=60)
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, [" ".join(p.cmdline()[:4]) for p in alive]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+        for child in children:
+            try:
+                child.kill()
+            except psutil.NoSuchProcess:
+                pass
