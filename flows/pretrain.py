@@ -301,9 +301,11 @@ def dask_runner(req: PretrainRequest):
         return DaskTaskRunner(cluster_class=req.dask_cluster_class, cluster_kwargs=dict(req.dask_cluster_kwargs))
     import os
 
+    workers = req.build_workers or os.cpu_count() or 1
     return DaskTaskRunner(cluster_kwargs={
-        # the task driving the build secedes from its worker thread (worker_client) while shards run
-        "n_workers": req.build_workers or os.cpu_count() or 1, "threads_per_worker": 1, "processes": True,
+        # The task driving the build holds a worker thread while its shard tasks run: a cluster of one
+        # worker gets a second thread for them, or the build would wait for itself forever.
+        "n_workers": workers, "threads_per_worker": 2 if workers == 1 else 1, "processes": True,
         "host": "127.0.0.1", "dashboard_address": None, "worker_dashboard_address": None,
     })
 

@@ -155,6 +155,23 @@ def test_shard_builders_run_on_an_existing_dask_scheduler_given_by_address(prefe
     assert any("on 3 worker(s)" in message for message in _logged_messages())
 
 
+def test_a_build_on_a_local_cluster_of_one_worker_finishes(prefect_api, corpus, tmp_path):
+    """The task driving the build holds a worker thread: with one worker it must not wait for itself."""
+    import threading
+
+    from flows.pretrain import pretrain
+
+    outcome = {}
+    run = threading.Thread(target=lambda: outcome.update(state=pretrain(
+        modality="speech", source=corpus, output=str(tmp_path / "out"),
+        **{**TINY, "build_workers": 1, "max_steps": 1, "eval_steps": 1}, return_state=True)), daemon=True)
+    run.start()
+    run.join(timeout=240)
+    assert not run.is_alive(), "the flow with build_workers=1 did not finish in 4 minutes"
+    assert outcome["state"].is_completed(), outcome["state"].message
+    assert any("on 1 worker(s)" in message for message in _logged_messages())
+
+
 def test_a_training_failure_fails_the_run_with_the_trainers_error(prefect_api, corpus, tmp_path):
     from flows.launch import ProcessFailed
     from flows.pretrain import pretrain
