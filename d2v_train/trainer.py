@@ -61,11 +61,11 @@ def check_resumable(cfg: TrainConfig, folder: str) -> None:
     if not fs.exists(path):
         return  # written before configs were stored beside checkpoints: nothing to compare
     saved = TrainConfig.model_validate_json(fs.cat_file(path))
-    changed = [f"model.{k}" for k, v in _flat(cfg.model.model_dump()).items()
-               if _flat(saved.model.model_dump()).get(k) != v]
-    changed += [f"data.{k}" for k in _PLAN_FIELDS if getattr(cfg.data, k) != getattr(saved.data, k)]
+    old, new = _flat(saved.model_dump()), _flat(cfg.model_dump())
+    changed = [k for k in new if k.startswith("model.") and old.get(k) != new[k]]
+    changed += [f"data.{k}" for k in _PLAN_FIELDS if old.get(f"data.{k}") != new[f"data.{k}"]]
     if changed:
-        shown = ", ".join(f"{k} {_get(saved, k)!r} -> {_get(cfg, k)!r}" for k in changed[:4])
+        shown = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed[:4])
         more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
         raise ValueError(f"the checkpoint at {folder} was trained with other settings: {shown}{more}; use the "
                          "checkpoint's, another checkpoint.url, or checkpoint.allow_changes=true to resume anyway")
@@ -79,10 +79,6 @@ def _flat(tree: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{key}"] = value
     return out
-
-
-def _get(cfg: TrainConfig, dotted: str):
-    return _flat(cfg.model_dump()).get(dotted)
 
 
 class TrainingStopped(RuntimeError):
