@@ -125,7 +125,8 @@ def build_shard(plan: ShardPlan, job: _Job) -> ShardResult:
             (MASK_SUFFIX, npy_bytes(mask.astype(bool, copy=False))),
         ]
         offset, size, spans = writer.add(sample.key, members)
-        rows.append(index_row(sample.key, offset, size, spans, job.source.data_suffix, sample.mask_length, sample.index))
+        rows.append(index_row(sample.key, offset, size, spans, job.source.data_suffix, sample.mask_length, sample.index,
+                              dict(members)))
         for name, value in sample.counts.items():
             counts[name] = counts.get(name, 0) + value
     tar = writer.finish()

@@ -10,7 +10,7 @@ import numpy as np
 from pipelines.shards import META_SHA256, read_parquet, sha256_hex
 from pipelines.storage import Location, StorageError, exists, join
 from schemas import Dataset
-from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX
+from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX, payload_crc32
 
 DATASET_JSON = "dataset.json"
 
@@ -153,7 +153,11 @@ def _check_shard(fs, root: str, dataset: Dataset, shard) -> str | None:
         first = members[f"{key}.{suffixes['data']}"]
         if first.offset != row["sample_offset"]:
             return f"sample offset of {key} does not match the tar"
-        mask_bytes = data[row["mask_offset"]: row["mask_offset"] + row["mask_bytes"]]
+        payload = {column: data[row[f"{column}_offset"]: row[f"{column}_offset"] + row[f"{column}_bytes"]]
+                   for column in suffixes}
+        if row.get("payload_crc32") is not None and payload_crc32(*payload.values()) != row["payload_crc32"]:
+            return f"payload checksum of {key} differs from the index"
+        mask_bytes = payload["mask"]
         try:
             mask = np.load(io.BytesIO(mask_bytes), allow_pickle=False)
         except ValueError as exc:

@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.arrow import JSON_SUFFIX, MASK_SUFFIX
+from schemas.arrow import JSON_SUFFIX, MASK_SUFFIX, payload_crc32
 
 # Keys written into the Parquet footer: what a resumed build needs to trust a finished shard.
 META_SHA256 = b"d2v.sha256"
@@ -84,7 +84,8 @@ def sha256_hex(data: bytes) -> str:
 
 
 def index_row(key: str, sample_offset: int, sample_bytes: int, spans: dict[str, MemberSpan], data_suffix: str,
-              mask_length: int, extra: dict) -> dict:
+              mask_length: int, extra: dict, payloads: dict[str, bytes]) -> dict:
+    """The index row of one sample written by TarShardWriter.add; `payloads` are its members' bytes."""
     data, meta, mask = spans[data_suffix], spans[JSON_SUFFIX], spans[MASK_SUFFIX]
     return {
         "key": key,
@@ -97,6 +98,7 @@ def index_row(key: str, sample_offset: int, sample_bytes: int, spans: dict[str, 
         "mask_offset": mask.offset,
         "mask_bytes": mask.size,
         "mask_length": mask_length,
+        "payload_crc32": payload_crc32(payloads[data_suffix], payloads[JSON_SUFFIX], payloads[MASK_SUFFIX]),
         **extra,
     }
 

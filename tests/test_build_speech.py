@@ -122,7 +122,7 @@ def test_same_input_and_seed_give_byte_identical_shards(corpus, built, tmp_path)
     assert [s.sha256 for s in other.shards] != [s.sha256 for s in dataset.shards]
 
 
-def test_verify_passes_then_names_the_first_broken_shard(built, tmp_path):
+def test_verify_passes_then_names_every_broken_shard(built, tmp_path):
     out, dataset = built
     assert run_d2v("data", "verify", str(out)).returncode == 0
     import shutil
@@ -156,8 +156,16 @@ def test_verify_catches_an_index_that_disagrees_with_its_tar(built, tmp_path):
     offsets[0] += 512
     table = table.set_column(table.schema.get_field_index("json_offset"), "json_offset", pa.array(offsets, pa.int64()))
     pq.write_table(table, copy / shard.index)
+    other = dataset.shards[1]  # an index whose payload checksum names other bytes than its tar's
+    table = pq.read_table(copy / other.index, use_threads=False)
+    crcs = table.column("payload_crc32").to_pylist()
+    crcs[-1] ^= 1
+    table = table.set_column(table.schema.get_field_index("payload_crc32"), "payload_crc32", pa.array(crcs, pa.int64()))
+    pq.write_table(table, copy / other.index)
+    key = table.column("key").to_pylist()[-1]
     result = run_d2v("data", "verify", str(copy), check=False)
-    assert result.returncode == 1 and shard.name in result.stderr and "offsets" in result.stderr
+    assert result.returncode == 1 and f"BROKEN {shard.name}: index offsets" in result.stderr
+    assert f"BROKEN {other.name}: payload checksum of {key} differs" in result.stderr
 
 
 def test_cli_build_matches_the_library_build(corpus, built, tmp_path):

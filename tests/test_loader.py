@@ -267,13 +267,17 @@ def test_stream_counts_the_batches_it_consumed_not_the_prefetched_ones(speech_da
     assert re.search(r"batches 2, samples 2, ", done), done
 
 
-def test_a_sample_that_cannot_be_decoded_names_its_shard_or_is_skipped(speech_dataset, tmp_path):
-    """Damaged bytes inside a shard (no cache, so no checksum on read): one line naming the shard and
-    the key, exit 2; with --skip-bad-shards the sample is left out and the rest streams."""
+def test_a_damaged_sample_names_its_shard_and_key_or_is_skipped(speech_dataset, tmp_path):
+    """Zeroed mask bits still decode (a mask of nothing): the payload checksum in the index catches
+    them on every read, without a cache. One line naming the shard and the key, exit 2; with
+    --skip-bad-shards only that sample is left out. An index of an older build (no checksum column)
+    still names a sample that cannot be decoded."""
+    import io
     import json
     import re
     import shutil
 
+    import numpy as np
     import pyarrow.parquet as pq
 
     from tests.helpers import run_d2v
@@ -284,17 +288,34 @@ def test_a_sample_that_cannot_be_decoded_names_its_shard_or_is_skipped(speech_da
     shard = doc["shards"][0]
     row = pq.read_table(copy / shard["index"]).to_pylist()[0]
     tar = bytearray((copy / shard["name"]).read_bytes())
-    tar[row["data_offset"]: row["data_offset"] + 4] = b"JUNK"  # the FLAC's magic
+    mask = tar[row["mask_offset"]: row["mask_offset"] + row["mask_bytes"]]
+    bits = np.load(io.BytesIO(bytes(mask)))
+    assert bits.any(), "the test needs a sample with masked frames"
+    header = row["mask_bytes"] - bits.size  # .npy header, then one byte per bool
+    tar[row["mask_offset"] + header: row["mask_offset"] + row["mask_bytes"]] = bytes(bits.size)
     (copy / shard["name"]).write_bytes(bytes(tar))
     args = ["data", "stream", str(copy), "--split", "train-clean-100", "--eval", "--batch-size", "2"]
     failed = run_d2v(*args, check=False)
     assert failed.returncode == 2, failed.stderr
     err = failed.stderr.strip()
-    assert len(err.splitlines()) == 1 and shard["name"] in err and row["key"] in err and "--skip-bad-shards" in err
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith(f"error: shard {shard['name']}: sample {row['key']}: payload checksum differs"), err
+    assert "--skip-bad-shards" in err
     skipped = run_d2v(*args, "--skip-bad-shards")
     total = sum(s["samples"] for s in doc["shards"])
     assert re.search(rf"samples {total - 1}, ", skipped.stdout.strip().splitlines()[-1]), skipped.stdout
     assert row["key"] in skipped.stderr
+
+    older = tmp_path / "older"
+    shutil.copytree(speech_dataset, older)
+    tar = bytearray((older / shard["name"]).read_bytes())
+    tar[row["data_offset"]: row["data_offset"] + 4] = b"JUNK"  # the FLAC's magic
+    (older / shard["name"]).write_bytes(bytes(tar))
+    table = pq.read_table(older / shard["index"])
+    pq.write_table(table.drop_columns(["payload_crc32"]), older / shard["index"])
+    undecodable = run_d2v("data", "stream", str(older), *args[3:], check=False)
+    assert undecodable.returncode == 2
+    assert undecodable.stderr.strip().startswith(f"error: shard {shard['name']}: sample {row['key']} cannot be decoded")
     # the trainer: the same line, exit 2, and with data.skip_bad_shards it trains on
     import subprocess
     import sys
@@ -307,7 +328,8 @@ def test_a_sample_that_cannot_be_decoded_names_its_shard_or_is_skipped(speech_da
     stopped = subprocess.run([*train, f"run_dir={tmp_path / 'a'}"], cwd=REPO, env=env, capture_output=True,
                              text=True, timeout=300)
     last = stopped.stderr.strip().splitlines()[-1]
-    assert stopped.returncode == 2 and last.startswith(f"error: shard {shard['name']}: sample {row['key']} cannot be")
+    assert stopped.returncode == 2, stopped.stderr
+    assert last.startswith(f"error: shard {shard['name']}: sample {row['key']}: payload checksum differs"), last
     went_on = subprocess.run([*train, f"run_dir={tmp_path / 'b'}", "data.skip_bad_shards=true"], cwd=REPO, env=env,
                              capture_output=True, text=True, timeout=300)
     assert went_on.returncode == 0, went_on.stderr

@@ -235,6 +235,21 @@ def test_an_index_that_disagrees_with_its_tar_is_an_error(built):
             r.read([beyond])
 
 
+def test_every_read_checks_the_payload_checksum_of_each_sample(built):
+    """A checksum that differs marks only that sample as damaged; -1 (an index of an older build) is
+    not checked; intact samples come back without damage."""
+    out, dataset = built
+    requests = all_requests(out, dataset)[:4]
+    assert all(r.payload_crc32 >= 0 for r in requests)
+    wrong = SampleRequest(**{**requests[1].__dict__, "payload_crc32": requests[1].payload_crc32 ^ 1})
+    unchecked = SampleRequest(**{**requests[2].__dict__, "payload_crc32": -1})
+    with reader(out, dataset) as r:
+        results = r.read([requests[0], wrong, unchecked, requests[3]])
+    check_bytes(results, [requests[0], wrong, unchecked, requests[3]], expected(out, dataset))
+    assert [s.damage is not None for s in results] == [False, True, False, False]
+    assert "payload checksum differs" in results[1].damage
+
+
 def test_bad_shards_can_be_skipped_once_each(damaged, caplog):
     copy, dataset = damaged
     requests = all_requests(copy, dataset)

@@ -53,7 +53,8 @@ class SplitIndex:
         shards = dataset.shards_of(split)
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
             tables = list(pool.map(lambda shard: read_parquet(fs, join(root, shard.index)), shards))
-        columns: dict[str, list] = {name: [] for name in ("key", "shard", "length", "label", "mask_length", *_OFFSETS)}
+        columns: dict[str, list] = {name: [] for name in ("key", "shard", "length", "label", "mask_length", "payload_crc32",
+                                                          *_OFFSETS)}
         for number, (shard, table) in enumerate(zip(shards, tables)):
             if table.num_rows != shard.samples:
                 raise ValueError(f"{shard.index} has {table.num_rows} rows but dataset.json says {shard.samples}")
@@ -62,6 +63,9 @@ class SplitIndex:
             columns["shard"].append(np.full(rows, number, dtype=np.int32))
             for name in ("mask_length", *_OFFSETS):
                 columns[name].append(table.column(name).to_numpy().astype(np.int64))
+            columns["payload_crc32"].append(  # -1: not recorded (an index of an older build)
+                table.column("payload_crc32").to_numpy().astype(np.int64) if "payload_crc32" in table.column_names
+                else np.full(rows, -1, dtype=np.int64))
             if dataset.modality == "speech":
                 length = table.column("num_samples").to_numpy().astype(np.int64)
             elif dataset.modality == "text":

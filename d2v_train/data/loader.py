@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 _REQUEST_COLUMNS = ("sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
-                    "mask_offset", "mask_bytes")
+                    "mask_offset", "mask_bytes", "payload_crc32")
 
 
 @dataclass
@@ -158,22 +158,20 @@ class StreamingLoader:
         self._served = 0
 
     def _decoded(self, requests, fetched, keep: list[int], decode_one) -> list:
-        """`decode_one(j)` for each j of `keep`; a sample that cannot be decoded (damaged bytes) is a
-        ShardError naming its shard and key, or with skip_bad_shards is dropped from `keep`, counted
-        and logged."""
+        """`decode_one(j)` for each j of `keep`; a sample whose payload checksum differs or that
+        cannot be decoded (damaged bytes) is a ShardError naming its shard and key, or with
+        skip_bad_shards is dropped from `keep`, counted and logged."""
         items, good = [], []
         for j in keep:
-            try:
-                items.append(decode_one(j))
+            problem = _damage(fetched[j], lambda: items.append(decode_one(j)))
+            if problem is None:
                 good.append(j)
-            except Exception as exc:  # noqa: BLE001 - whatever damaged bytes make a decoder raise
-                shard = self.reader.shards[requests[j].shard].name
-                problem = f"sample {fetched[j].key} cannot be decoded ({type(exc).__name__}: {exc})"
-                if not self.reader.skip_bad_shards:
-                    raise ShardError(shard, problem + "; data.skip_bad_shards / --skip-bad-shards skips such "
-                                                      "samples") from None
-                log.warning("skipping shard %s: %s", shard, problem)
-                self.reader.stats.add(skipped_samples=1)
+                continue
+            shard = self.reader.shards[requests[j].shard].name
+            if not self.reader.skip_bad_shards:
+                raise ShardError(shard, problem + "; data.skip_bad_shards / --skip-bad-shards skips such samples")
+            log.warning("skipping a sample of shard %s: %s", shard, problem)
+            self.reader.stats.add(skipped_samples=1)
         keep[:] = good
         return items
 
@@ -249,6 +247,17 @@ class StreamingLoader:
 
     def close(self) -> None:
         self.reader.close()
+
+
+def _damage(sample, decode) -> str | None:
+    """None when `sample` is intact and `decode()` succeeds; otherwise what is wrong with it."""
+    if sample.damage:
+        return f"sample {sample.key}: {sample.damage}"
+    try:
+        decode()
+    except Exception as exc:  # noqa: BLE001 - whatever damaged bytes make a decoder raise
+        return f"sample {sample.key} cannot be decoded ({type(exc).__name__}: {exc})"
+    return None
 
 
 def _unwrapped_errors(batches):

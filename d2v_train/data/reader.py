@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from pipelines.storage import Location, is_local, join
+from schemas.arrow import payload_crc32
 from schemas.dataset import inside_root, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -44,13 +45,14 @@ class SampleRequest:
     json_bytes: int
     mask_offset: int
     mask_bytes: int
+    payload_crc32: int = -1  # -1: the index records none (built by an older d2v)
 
     @classmethod
     def from_row(cls, shard: int, row: Mapping) -> SampleRequest:
         """From a shard index row (schemas.arrow.index_schema)."""
         spans = (int(row[f"{member}_{part}"]) for member in ("sample", "data", "json", "mask")
                  for part in ("offset", "bytes"))
-        return cls(shard, row["key"], *spans)
+        return cls(shard, row["key"], *spans, int(row.get("payload_crc32", -1)))
 
 
 @dataclass
@@ -59,6 +61,7 @@ class SampleBytes:
     data: bytes
     json: bytes
     mask: bytes
+    damage: str | None = None  # why these bytes are not the ones the build wrote (a payload checksum)
 
 
 class ShardError(OSError):
@@ -204,7 +207,8 @@ class ShardReader:
 
     # -- reading ------------------------------------------------------------------------------
     def read(self, requests: list[SampleRequest]) -> list[SampleBytes | None]:
-        """The samples in request order; None only for samples of shards skipped as bad."""
+        """The samples in request order; None only for samples of shards skipped as bad. A sample
+        whose payload checksum differs from the index comes back with `damage` set."""
         for request in requests:
             if not 0 <= request.shard < len(self.shards):
                 raise ValueError(f"sample {request.key} names shard {request.shard}; the reader has "
@@ -314,9 +318,16 @@ class ShardReader:
                 raise ShardError(shard, f"index and tar disagree on the size of {name}")
             return bytes(view[offset - base: offset - base + size])
 
-        return SampleBytes(request.key, member(self.data_suffix, request.data_offset, request.data_bytes),
-                           member("json", request.json_offset, request.json_bytes),
-                           member("mask.npy", request.mask_offset, request.mask_bytes))
+        sample = SampleBytes(request.key, member(self.data_suffix, request.data_offset, request.data_bytes),
+                             member("json", request.json_offset, request.json_bytes),
+                             member("mask.npy", request.mask_offset, request.mask_bytes))
+        if request.payload_crc32 >= 0:
+            found = payload_crc32(sample.data, sample.json, sample.mask)
+            if found != request.payload_crc32:
+                # One damaged sample, not a damaged shard: the caller names it, or skips only it.
+                sample.damage = (f"payload checksum differs from the index (crc32 {found:08x}, "
+                                 f"index {request.payload_crc32:08x})")
+        return sample
 
     def _cat(self, index: int, start: int, end: int) -> bytes:
         """One ranged read from the store, retried on transient errors."""
