@@ -38,7 +38,7 @@ def _train(data: Path, run_dir: Path, preset: str, steps: int, max_tokens: int, 
                  f"train.max_steps={steps}", f"checkpoint.every_steps={steps}", f"run_dir={run_dir}",
                  "guard.collapse_after=1000000"]
     launcher = [sys.executable, "d2v_train/main.py"] if ranks == 1 else \
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}", "d2v_train/main.py"]
+        [sys.executable, "-m", "d2v_train.launch", "--standalone", f"--nproc_per_node={ranks}", "d2v_train/main.py"]
     started = time.perf_counter()
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}  # the product's own thread choice
     subprocess.run([*launcher, *overrides], cwd=REPO, check=True, capture_output=True, text=True, env=env)

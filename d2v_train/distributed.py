@@ -33,6 +33,9 @@ def init_world() -> World:
         # nothing to rendezvous with: an in-memory store instead of a TCP one on every interface, and
         # gloo's own socket on the loopback interface (no listener reachable from another machine)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
+    elif os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost", "::1"):
+        # a one-machine job (`python -m d2v_train.launch --standalone`): gloo's peers are all here
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     _die_with_launcher()
     cuda = torch.cuda.is_available()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))

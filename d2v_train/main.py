@@ -1,5 +1,5 @@
-"""Pre-train data2vec: `torchrun --nproc_per_node N d2v_train/main.py --config FILE key.sub=value ...`
-(also runs as a single process without torchrun)."""
+"""Pre-train data2vec: `python -m d2v_train.launch --standalone --nproc_per_node N d2v_train/main.py
+--config FILE key.sub=value ...` (torchrun with loopback stores; also runs as one plain process)."""
 from __future__ import annotations
 
 import argparse

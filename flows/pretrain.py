@@ -315,9 +315,10 @@ STEP_LINE = re.compile(r"^step (\d+) \|")
 
 
 def trainer_command(req: PretrainRequest) -> list[str]:
-    """The trainer under torchrun (one process: the script itself, no rendezvous)."""
+    """The trainer under torchrun, its stores on 127.0.0.1 (d2v_train.launch); one process: the
+    script itself, no rendezvous."""
     launcher = [python(), "d2v_train/main.py"] if req.nproc == 1 else [
-        python(), "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(req.nproc),
+        python(), "-m", "d2v_train.launch", "--standalone", "--nproc_per_node", str(req.nproc),
         "d2v_train/main.py"]
     return [*launcher, *req.trainer_overrides()]
 

@@ -104,7 +104,7 @@ def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
         except Exception as exc:  # noqa: BLE001 - whatever a damaged shard makes a reader raise
             problem = f"cannot be checked: {type(exc).__name__}: {exc}"
         if problem:
-            broken.append((shard.name, problem))
+            broken.append((shard.name, " ".join(problem.split())))  # one line per shard
             if stop_at_first:
                 break
         else:

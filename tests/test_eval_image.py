@@ -152,7 +152,7 @@ def test_an_unlabelled_split_is_refused_by_name(tmp_path, capsys, one_torch_thre
 @pytest.mark.slow
 @pytest.mark.torchrun
 def test_torchrun_probe_scores_each_image_once_and_matches_one_process(data, probe_random):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+    command = [sys.executable, "-m", "d2v_train.launch", "--standalone", "--nproc_per_node", "2",
                "d2v_train/eval/main.py", *_task_args("image-probe", data, "--checkpoint", "random",
                                                      "--model", "vision_tiny")[1:]]
     run = subprocess.run(command, check=False, cwd=REPO, env={**os.environ, **CPU}, capture_output=True, text=True,

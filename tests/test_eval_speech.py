@@ -93,7 +93,7 @@ def test_checkpoints_from_a_folder_and_from_s3_in_one_process_and_under_torchrun
               "--labelled", "40s"]
     local = _result(run_d2v("eval", "speech-ctc", "--checkpoint", str(pretrained), *common, env=ONE_THREAD).stdout)
     torchrun = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "d2v_train/eval/main.py",
+        [sys.executable, "-m", "d2v_train.launch", "--standalone", "--nproc_per_node", "2", "d2v_train/eval/main.py",
          "speech-ctc", "--checkpoint", f"s3://{s3_bucket}/run/checkpoints", *common],
         cwd=REPO, env={**os.environ, **ONE_THREAD, **s3_server.env()}, capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr

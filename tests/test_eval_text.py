@@ -227,7 +227,7 @@ def test_random_init_needs_a_tokenizer_and_torchrun_scores_each_example_once(pre
     args = _split([*random, "--tokenizer", str(root / "data" / "tokenizer"), "--steps", "0", "--seed", "1",
                    "--train-limit", "21"], mrpc.source)
     alone = _result(run_d2v("eval", "text-cls", *args, env=ENV))
-    torchrun = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+    torchrun = subprocess.run([sys.executable, "-m", "d2v_train.launch", "--standalone", "--nproc_per_node", "2",
                                "d2v_train/eval/main.py", "text-cls", *args],
                               cwd=REPO, env={**os.environ, **ENV}, capture_output=True, text=True, timeout=300)
     assert torchrun.returncode == 0, torchrun.stderr

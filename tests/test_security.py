@@ -184,3 +184,27 @@ def test_security_credentials_never_appear_in_messages():
         assert result.returncode == 2, result.stderr
         assert "MYSECRET" not in result.stdout + result.stderr and "***@" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_security_the_launchers_stores_listen_on_loopback_for_one_machine_runs():
+    """torch's TCPStore binds every interface; d2v_train.launch's binds 127.0.0.1 and still serves
+    clients, and only a run whose rendezvous names a reachable host keeps torchrun's stores."""
+    psutil = pytest.importorskip("psutil")
+    import torch.distributed as dist
+    from torch.distributed.run import parse_args
+
+    from d2v_train.launch import LoopbackTCPStore, one_machine
+
+    server = LoopbackTCPStore("localhost", 0, is_master=True, multi_tenant=True)
+    client = dist.TCPStore("127.0.0.1", server.port, is_master=False)
+    client.set("probe", "seen")
+    assert server.get("probe") == b"seen"
+    listening = {c.laddr for c in psutil.Process().net_connections(kind="inet")
+                 if c.status == psutil.CONN_LISTEN and c.laddr.port == server.port}
+    assert {address.ip for address in listening} == {"127.0.0.1"}, listening
+
+    def local(*args):
+        return one_machine(parse_args([*args, "--nproc_per_node", "2", "train.py"]))
+
+    assert local("--standalone") and local() and local("--rdzv-endpoint", "localhost:29400")
+    assert not local("--rdzv-endpoint", "node1:29500") and not local("--master-addr", "10.0.0.2")

@@ -60,7 +60,7 @@ def _command(ranks: int, overrides: list[str], entry: list[str] | None = None) -
     entry = entry or ["d2v_train/main.py", "--config", CONFIG]
     if ranks == 1:  # no torchrun: the trainer makes a group of one
         return [sys.executable, *entry, *overrides]
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+    return [sys.executable, "-m", "d2v_train.launch", "--standalone", f"--nproc_per_node={ranks}",
             *entry, *overrides]
 
 
@@ -81,10 +81,11 @@ def train(run_dir: Path, data: str, *overrides: str, ranks: int = 2, env: dict |
 
 
 def train_until(run_dir: Path, data: str, step: int, sig: int, *overrides: str, ranks: int = 2,
-                env: dict | None = None) -> tuple[int, str]:
+                env: dict | None = None, listening: set | None = None) -> tuple[int, str]:
     """Start a run; once its metrics reach `step`, send `sig` to its process group (torchrun, or
     the single process). No process of the run may outlive it: torchrun's workers have sessions of
-    their own, so a SIGKILL of torchrun's group reaches them only through the trainer's death signal."""
+    their own, so a SIGKILL of torchrun's group reaches them only through the trainer's death signal.
+    `listening` receives the addresses the run's processes listen on at that moment."""
     import psutil  # a dependency of dask.distributed
 
     args = [*COMMON, f"data.url={data}", f"run_dir={run_dir}", *overrides]
@@ -97,6 +98,10 @@ def train_until(run_dir: Path, data: str, step: int, sig: int, *overrides: str, 
         while proc.poll() is None and time.monotonic() < deadline:
             if max(_steps_logged(run_dir, since=launched), default=0) >= step:
                 children = psutil.Process(proc.pid).children(recursive=True)
+                if listening is not None:
+                    for process in (psutil.Process(proc.pid), *children):
+                        listening |= {c.laddr for c in process.net_connections(kind="inet")
+                                      if c.status == psutil.CONN_LISTEN}
                 os.killpg(proc.pid, sig)
                 break
             time.sleep(0.02)
@@ -305,9 +310,14 @@ def test_teacher_equals_a_single_process_ema_reference(dataset, two_ranks, one_r
 # -- 2. kill, terminate, restart ------------------------------------------------------------------
 @torchrun
 def test_killed_and_terminated_runs_resume_bit_identically(dataset, two_ranks, planned, tmp_path):
+    """Also a security check: the launcher's rendezvous stores and both ranks' gloo sockets listen on
+    127.0.0.1 only (torchrun's own stores would listen on every interface)."""
     run_dir = tmp_path / "run"
-    code, out = train_until(run_dir, str(dataset), 5, signal.SIGKILL, "checkpoint.keep=2")
+    listening: set = set()
+    code, out = train_until(run_dir, str(dataset), 5, signal.SIGKILL, "checkpoint.keep=2", listening=listening)
     assert code == -signal.SIGKILL and max(_steps_logged(run_dir)) < STEPS, out[-3000:]
+    assert len(listening) >= 3, listening  # the launcher's store(s) and a gloo socket per rank
+    assert {address.ip for address in listening} == {"127.0.0.1"}, listening
 
     code, out = train_until(run_dir, str(dataset), 13, signal.SIGTERM, "checkpoint.keep=2")
     assert "resumed from" in out and code != 0, out[-3000:]

@@ -1,4 +1,5 @@
-"""Evaluate under torchrun: `torchrun --nproc_per_node N d2v_train/eval/main.py TASK --checkpoint ...`
+"""Evaluate under torchrun: `python -m d2v_train.launch --standalone --nproc_per_node N d2v_train/eval/main.py
+TASK --checkpoint ...`
 (the arguments of `d2v eval TASK`; also runs as one plain process)."""
 from __future__ import annotations
 
