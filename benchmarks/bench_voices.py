@@ -15,13 +15,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,6 +25,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from bench_learning import last_target_rank, print_table, summarise  # noqa: E402
+
+from flows.local_server import serving_locally  # noqa: E402
 
 SPLITS = ["train-other-500", "train-clean-100", "dev-clean"]
 SPEAKERS = {"train-other-500": 12, "train-clean-100": 4, "dev-clean": 2}
@@ -40,42 +38,6 @@ def make_corpus(root: Path, utterances: list[int]) -> str:
     spec = make_librispeech(str(root), dict(zip(SPLITS, utterances)), seed=0, spoken=True, voices=True,
                             words=(3, 8), speakers=SPEAKERS, faults=True)
     return spec.source
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(cmd: list[str], env: dict, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            start_new_session=True)
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-
-
-def _wait(what: str, ready, process: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    deadline = time.monotonic() + timeout
-    while not ready():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"{what} did not start:\n{log.read_text()[-3000:]}")
-        time.sleep(0.5)
-
-
-def _healthy(api: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{api}/health", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 def main() -> int:
@@ -91,16 +53,7 @@ def main() -> int:
     source = make_corpus(out / "corpus", [int(n) for n in args.utterances.split(",")])
     print(f"generated {source} in {time.monotonic() - started:.0f} s", flush=True)
 
-    api = f"http://127.0.0.1:{_free_port()}/api"
-    env = {**os.environ, "PREFECT_HOME": str(out / "prefect-home"), "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    server = _start([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                     "--port", api.rsplit(":", 1)[1].split("/")[0]], env, out / "server.log")
-    serve = None
-    try:
-        _wait("the Prefect server", lambda: _healthy(api), server, out / "server.log")
-        serve = _start([sys.executable, "-m", "flows.cli", "serve"], env, out / "serve.log")
-        _wait("d2v serve", lambda: "pretrain/speech" in (out / "serve.log").read_text(), serve, out / "serve.log")
+    with serving_locally(out / "prefect-home") as env:
         curves, ranks, took = [], [], []
         for seed in range(args.pretrain_seeds):
             output = out / f"seed{seed}"
@@ -118,10 +71,6 @@ def main() -> int:
             curves.append(curve)
             ranks.append(last_target_rank(output / "run"))
             print(f"seed {seed}: {took[-1]:.0f} s; " + "; ".join(curve["gains"]), flush=True)
-    finally:
-        for process in (serve, server):
-            if process is not None:
-                _stop(process)
     rows = summarise("speech, varied voices", curves, ranks, took)
     print_table(rows, started)
     (out / "bench_voices.json").write_text(json.dumps(rows, indent=2) + "\n")

@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -226,75 +224,13 @@ def test_the_split_roles_pre_train_fine_tune_and_score_default_from_the_splits_b
 
 
 # -- a real server, the served deployments, the Prefect CLI ------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_healthy(api: str, server: subprocess.Popen, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        assert server.poll() is None, "prefect server exited"
-        try:
-            with urllib.request.urlopen(f"{api}/health", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise TimeoutError(f"no healthy Prefect server at {api} after {timeout_s}s")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-
-
-def _start_server(home: Path) -> tuple[subprocess.Popen, dict]:
-    """`prefect server start` on a free port of 127.0.0.1; another attempt if the port was taken meanwhile."""
-    for _ in range(5):
-        port = _free_port()
-        api = f"http://127.0.0.1:{port}/api"
-        env = {**os.environ, **QUIET, "PREFECT_HOME": str(home), "PREFECT_API_URL": api}
-        logs = home / "server.log"
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, cwd=REPO, stdout=logs.open("w"),
-                                  stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            _wait_healthy(api, server, 120)
-            return server, env
-        except AssertionError:
-            if "address already in use" not in logs.read_text():
-                raise AssertionError(logs.read_text()) from None
-    raise AssertionError("no free port for the Prefect server after 5 attempts")
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     """`prefect server start` on 127.0.0.1 and `d2v serve`; yields the environment for the CLI."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    server, env = _start_server(home)
-    serve = None
-    try:
-        serve_log = home / "serve.log"
-        serve = subprocess.Popen([sys.executable, "-m", "flows.cli", "serve"], env=env, cwd=REPO,
-                                 stdout=serve_log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 120
-        while "pretrain/speech" not in serve_log.read_text():
-            assert serve.poll() is None, serve_log.read_text()
-            assert time.monotonic() < deadline, serve_log.read_text()
-            time.sleep(0.5)
+    from flows.local_server import serving_locally
+
+    with serving_locally(tmp_path_factory.mktemp("prefect-home"), extra_env=QUIET) as env:
         yield env
-    finally:
-        if serve is not None:
-            _stop(serve)
-        _stop(server)
 
 
 def _prefect(env: dict, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:

@@ -163,7 +163,7 @@ class StreamingLoader:
         skip_bad_shards is dropped from `keep`, counted and logged."""
         items, good = [], []
         for j in keep:
-            problem = _damage(fetched[j], lambda: items.append(decode_one(j)))
+            problem = _damage(fetched[j], lambda j=j: items.append(decode_one(j)))
             if problem is None:
                 good.append(j)
                 continue
