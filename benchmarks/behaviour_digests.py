@@ -14,6 +14,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -103,6 +104,7 @@ def main() -> int:
     root = Path(args.out)
     root.mkdir(parents=True, exist_ok=True)
     data = datasets(root)
+    shutil.rmtree(root / "runs", ignore_errors=True)  # fresh runs: a kept one would resume, not train
     rows = {}
     for name in PRETRAIN:
         rows[f"pretrain {name}"] = pretrain(name, data[name.split("_")[0]], root)

@@ -33,7 +33,7 @@ from d2v_train.config import TrainConfig  # noqa: E402
 from d2v_train.data.loader import StreamingLoader  # noqa: E402
 from d2v_train.data.plan import BatchPolicy  # noqa: E402
 from d2v_train.models.config import ModelConfig  # noqa: E402
-from d2v_train.models.data2vec import build_model  # noqa: E402
+from d2v_train.models.objectives import build_model  # noqa: E402
 
 CLONES = (1, 2, 4, 8)
 

@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from d2v_train.data.plan import BatchPolicy
 from d2v_train.data.transforms import ImageTransform
 from d2v_train.models.config import ModelConfig
 
@@ -26,9 +27,9 @@ class DataConfig(_Strict):
     split: str = "train"
     max_tokens: int | None = Field(None, gt=0)  # speech: audio samples per batch (per rank)
     batch_size: int | None = Field(None, gt=0)  # images, text (per rank)
-    min_sample_size: int = 32_000
-    max_sample_size: int = 320_000
-    shuffle_block: int = Field(4, ge=1)
+    min_sample_size: int = BatchPolicy.min_sample_size
+    max_sample_size: int = BatchPolicy.max_sample_size
+    shuffle_block: int = Field(BatchPolicy.shuffle_block, ge=1)
     workers: int = Field(2, ge=1)
     io_threads: int = Field(8, ge=1)
     cache_dir: str | None = None
@@ -51,6 +52,11 @@ class DataConfig(_Strict):
             raise ValueError(f"data.max_sample_size ({self.max_sample_size}) must be at least data.min_sample_size "
                              f"({self.min_sample_size}), which must be positive")
         return self
+
+    def policy(self) -> BatchPolicy:
+        """The training batch plan these settings describe."""
+        return BatchPolicy(batch_size=self.batch_size, max_tokens=self.max_tokens, min_sample_size=self.min_sample_size,
+                           max_sample_size=self.max_sample_size, shuffle_block=self.shuffle_block)
 
 
 class OptimConfig(_Strict):

@@ -13,7 +13,7 @@ from torch import nn
 
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
-from d2v_train.models.data2vec import build_model
+from d2v_train.models.objectives import build_model
 from pipelines.storage import Location
 
 # modality -> (module of the converter, d2v->HF state function, HF config function, model_type, class)

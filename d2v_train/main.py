@@ -19,6 +19,7 @@ def main(argv: list[str] | None = None) -> int:
     from pydantic import ValidationError
 
     from d2v_train.config import describe, load_train_config
+    from pipelines.storage import error_line
 
     try:
         cfg = load_train_config(args.config, args.overrides)
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: invalid configuration:\n{describe(exc)}", file=sys.stderr)
         return 2
     except (ValueError, OSError) as exc:
-        print(f"error: invalid configuration: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: invalid configuration: {error_line(exc)}", file=sys.stderr)
         return 2
 
     from d2v_train.data.reader import ShardError
@@ -40,25 +41,20 @@ def main(argv: list[str] | None = None) -> int:
             trainer = Trainer(cfg)
             trainer.resume()
         except (ValueError, OSError) as exc:  # a dataset or checkpoint that does not fit the config
-            print(f"error: cannot start: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: cannot start: {error_line(exc)}", file=sys.stderr)
             return 2
         return trainer.train()
     except TrainingStopped as exc:  # raised alike on every rank: say it once
         if trainer.world.main:
-            print(f"error: {_one_line(exc)}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
         return 1
     except ShardError as exc:  # damaged data on this rank's share (data.skip_bad_shards skips it)
-        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     finally:
         close_world()
 
 
-def _one_line(exc: BaseException) -> str:
-    """An error for the terminal: one line, credentials of any URL in it masked."""
-    from pipelines.storage import redact_text
-
-    return " ".join(redact_text(str(exc)).split())
 
 
 def _share_cpus(loader_workers: int) -> None:

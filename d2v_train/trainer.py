@@ -29,13 +29,12 @@ from torch.distributed.checkpoint.state_dict import (
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
 from d2v_train.data.loader import STATE_VERSION, StreamingLoader
-from d2v_train.data.plan import BatchPolicy
 from d2v_train.data.transforms import ImageTransform
 from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
-from d2v_train.models.data2vec import build_model
 from d2v_train.models.ema import ema_tau
 from d2v_train.models.loss import std_from_stats
+from d2v_train.models.objectives import build_model
 from d2v_train.schedules import lr_scale
 from pipelines.storage import check_output
 
@@ -116,9 +115,7 @@ class Trainer:
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
         data = cfg.data
         self._check_dataset_fits_the_model()
-        policy = BatchPolicy(batch_size=data.batch_size, max_tokens=data.max_tokens,
-                             min_sample_size=data.min_sample_size, max_sample_size=data.max_sample_size,
-                             shuffle_block=data.shuffle_block)
+        policy = data.policy()
         self.loader = StreamingLoader(data.url, data.split, policy, rank=self.world.rank,
                                       world_size=self.world.size, seed=cfg.train.seed, workers=data.workers,
                                       io_threads=data.io_threads, cache_dir=data.cache_dir,

@@ -57,14 +57,9 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
 
             return data_cli.run(args)
         if args.command == "eval":
-            from d2v_train.eval.cli import run as run_eval
+            from d2v_train.eval.cli import run_and_exit
 
-            code = run_eval(args, extra)
-            if exit_after_eval and args.eval_task != "report":
-                from d2v_train.teardown import exit_without_teardown
-
-                exit_without_teardown(code)
-            return code
+            return run_and_exit(args, extra, exit_after_eval=exit_after_eval)
         if args.command == "export-hf":
             from d2v_train.export import export_hf
 
@@ -91,9 +86,9 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
         return 130
     except (ValueError, OSError, ConnectionError) as exc:
         # Errors a user can cause (bad input, unreachable storage, wrong config): one clear line.
-        from pipelines.storage import redact_text
+        from pipelines.storage import error_line
 
-        print(f"error: {' '.join(redact_text(str(exc)).split())}", file=sys.stderr)
+        print(f"error: {error_line(exc)}", file=sys.stderr)
         return 2
     raise AssertionError(args.command)
 

@@ -83,6 +83,13 @@ class PretrainRequest(BaseModel):
     train_overrides: list[str] = []  # extra trainer settings, key.sub=value
     eval_args: list[str] = []  # extra `d2v eval TASK` options, e.g. ["--lr", "3e-3"]
 
+    @field_validator("dask_cluster_kwargs", "train_overrides", "eval_args", mode="before")
+    @classmethod
+    def _none_is_empty(cls, value, info):  # the flow's parameters default to None, not to a shared mutable
+        if value is None:
+            return {} if info.field_name == "dask_cluster_kwargs" else []
+        return value
+
     @field_validator("shard_size")
     @classmethod
     def _shard_size(cls, value: str) -> str:
@@ -188,8 +195,9 @@ def build_request(req: PretrainRequest) -> dict:
 def finished_build(req: PretrainRequest) -> dict | None:
     """dataset.json of an earlier build of the same corpus with the same parameters, if any."""
     from pipelines.storage import Location
+    from schemas.dataset import DATASET_JSON
 
-    url = req.url("dataset", "dataset.json")
+    url = req.url("dataset", DATASET_JSON)
     fs, path = Location(url).filesystem()
     if not fs.exists(path):
         return None
@@ -301,13 +309,12 @@ def dask_runner(req: PretrainRequest):
         return DaskTaskRunner(cluster_class=req.dask_cluster_class, cluster_kwargs=dict(req.dask_cluster_kwargs))
     import os
 
+    from pipelines.cluster import local_cluster_settings
+
     workers = req.build_workers or os.cpu_count() or 1
-    return DaskTaskRunner(cluster_kwargs={
-        # The task driving the build holds a worker thread while its shard tasks run: a cluster of one
-        # worker gets a second thread for them, or the build would wait for itself forever.
-        "n_workers": workers, "threads_per_worker": 2 if workers == 1 else 1, "processes": True,
-        "host": "127.0.0.1", "dashboard_address": None, "worker_dashboard_address": None,
-    })
+    # The task driving the build holds a worker thread while its shard tasks run: a cluster of one
+    # worker gets a second thread for them, or the build would wait for itself forever.
+    return DaskTaskRunner(cluster_kwargs=local_cluster_settings(workers, threads_per_worker=2 if workers == 1 else 1))
 
 
 # -- pre-train --------------------------------------------------------------------------------
@@ -430,15 +437,7 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
              eval_split: str | None = None, eval_budgets: list[str] | None = None, eval_seeds: PositiveInt = 3,
              eval_jobs: PositiveInt | None = None, overwrite_dataset: bool = False) -> dict:
     """Build shards, pre-train, evaluate against a random encoder, report; everything under `output`."""
-    req = PretrainRequest(
-        modality=modality, source=source, output=output, preset=preset, variant=variant, max_steps=max_steps, nproc=nproc,
-        splits=splits, shard_size=shard_size, mask_variants=mask_variants, seed=seed, vocab_size=vocab_size,
-        build_workers=build_workers, dask_address=dask_address, dask_cluster_class=dask_cluster_class,
-        dask_cluster_kwargs=dask_cluster_kwargs or {}, eval_steps=eval_steps, eval_data=eval_data,
-        train_overrides=train_overrides or [], eval_args=eval_args or [], pretrain_split=pretrain_split,
-        labelled_split=labelled_split, eval_split=eval_split, eval_budgets=eval_budgets, eval_seeds=eval_seeds,
-        eval_jobs=eval_jobs, overwrite_dataset=overwrite_dataset,
-    )
+    req = PretrainRequest(**locals())  # the parameters, every one: their checks live in the request
     # A Dask cluster only when there is something to build (a finished build is skipped in a blink).
     on_dask = req.build_workers != 0 and finished_build(req) is None
     dataset = (build_shards.with_options(task_runner=dask_runner(req)) if on_dask else build_shards)(req)

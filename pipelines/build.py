@@ -38,10 +38,10 @@ from pipelines.sources.base import Encoded, Reject, Source
 from pipelines.storage import Location, check_writable, exists, is_local, join, size_or_none, write_atomic
 from schemas import SCHEMA_VERSION, Dataset, MaskConfig, ShardInfo, SplitSummary, index_schema, rejects_schema
 from schemas.arrow import JSON_SUFFIX, MASK_SUFFIX
+from schemas.dataset import DATASET_JSON
 
 log = logging.getLogger(__name__)
 
-DATASET_JSON = "dataset.json"
 DEFAULT_SHARD_SIZE = "256MB"
 
 

@@ -75,16 +75,16 @@ def runner(workers: int | None = None, scheduler: str | None = None) -> Iterator
 
     # The in-process scheduler logs every worker's comings and goings at INFO: keep the console for progress.
     logging.getLogger("distributed").setLevel(logging.WARNING)
-    with LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        host="127.0.0.1",
-        dashboard_address=None,
-        worker_dashboard_address=None,
-        silence_logs=logging.ERROR,
-    ) as cluster, Client(cluster) as client:
+    with LocalCluster(**local_cluster_settings(workers), silence_logs=logging.ERROR) as cluster, \
+            Client(cluster) as client:
         yield Runner(client)
+
+
+def local_cluster_settings(workers: int, *, threads_per_worker: int = 1) -> dict:
+    """LocalCluster's arguments for a build on this machine: worker processes, everything bound to
+    127.0.0.1 (an unauthenticated scheduler runs any task it is sent), no dashboards."""
+    return {"n_workers": workers, "threads_per_worker": threads_per_worker, "processes": True, "host": "127.0.0.1",
+            "dashboard_address": None, "worker_dashboard_address": None}
 
 
 def progress(iterable: Iterable, *, total: int, description: str, unit: str = "shard"):

@@ -11,8 +11,7 @@ from pipelines.shards import META_SHA256, read_parquet, sha256_hex
 from pipelines.storage import Location, StorageError, exists, join
 from schemas import Dataset
 from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX, payload_crc32
-
-DATASET_JSON = "dataset.json"
+from schemas.dataset import DATASET_JSON
 
 
 def read_dataset(location: Location) -> tuple[Dataset, object, str]:

@@ -82,6 +82,11 @@ def redact_text(text: str) -> str:
     return _USERINFO.sub("***@", _URL_USERINFO.sub(r"\1***@", text))
 
 
+def error_line(exc: BaseException) -> str:
+    """An error for the terminal: one line, credentials of any URL in it masked."""
+    return " ".join(redact_text(str(exc)).split())
+
+
 def redact(url: str) -> str:
     """The URL without user:password, for logs and dataset.json."""
     parts = urlsplit(url)

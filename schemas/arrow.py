@@ -51,17 +51,14 @@ _MANIFEST_EXTRA = {
     ],
 }
 
+# Where each sample's members lie in its tar, as index columns: `{member}_offset`, `{member}_bytes`
+# ("sample" is the whole sample, headers included: one ranged read).
+SPAN_MEMBERS = ("sample", "data", "json", "mask")
+SPAN_COLUMNS = tuple(f"{member}_{part}" for member in SPAN_MEMBERS for part in ("offset", "bytes"))
+
 _INDEX_COMMON = [
     pa.field("key", pa.string(), nullable=False),
-    # The whole sample (first header through last member's padded data): one ranged read.
-    pa.field("sample_offset", pa.int64(), nullable=False),
-    pa.field("sample_bytes", pa.int64(), nullable=False),
-    pa.field("data_offset", pa.int64(), nullable=False),
-    pa.field("data_bytes", pa.int64(), nullable=False),
-    pa.field("json_offset", pa.int64(), nullable=False),
-    pa.field("json_bytes", pa.int64(), nullable=False),
-    pa.field("mask_offset", pa.int64(), nullable=False),
-    pa.field("mask_bytes", pa.int64(), nullable=False),
+    *(pa.field(column, pa.int64(), nullable=False) for column in SPAN_COLUMNS),
     # Mask length T: frames (speech), patches (vision) or tokens (text).
     pa.field("mask_length", pa.int32(), nullable=False),
     # payload_crc32 of the sample's members, checked on every read (absent in indexes of older builds).

@@ -8,6 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 # Bump when a reader of the previous version could misread the new files.
 SCHEMA_VERSION = 1
+DATASET_JSON = "dataset.json"  # the file at a dataset's root that names its shards
 
 
 class _Strict(BaseModel):

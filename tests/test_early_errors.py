@@ -122,7 +122,7 @@ def test_encode_names_the_file_it_cannot_use(tmp_path):
 
     from d2v_train import checkpoint
     from d2v_train.config import load_train_config
-    from d2v_train.models.data2vec import build_model
+    from d2v_train.models.objectives import build_model
 
     cfg = load_train_config(TINY, ["data.url=/nowhere"])
     ckpt = checkpoint.save({"model": build_model(cfg.model).state_dict()}, str(tmp_path / "ck"), 1, keep=1,

@@ -332,3 +332,23 @@ def test_a_terminated_demo_leaves_no_server_or_worker_behind(tmp_path):
                 child.kill()
             except psutil.NoSuchProcess:
                 pass
+
+
+def test_the_flow_takes_exactly_the_requests_parameters_with_its_defaults():
+    """The flow's signature (what a deployment offers) and PretrainRequest (what is checked) are one
+    list: the same names, the same defaults (None standing for an empty list or dict)."""
+    import inspect
+
+    from flows.pretrain import PretrainRequest, pretrain
+
+    parameters = inspect.signature(pretrain.fn).parameters
+    fields = PretrainRequest.model_fields
+    assert list(parameters) and set(parameters) == set(fields)
+    for name, parameter in parameters.items():
+        if parameter.default is inspect.Parameter.empty:
+            assert fields[name].is_required(), name
+        elif parameter.default is None and fields[name].default in ([], {}):
+            request = PretrainRequest(modality="speech", source="s", output="o", **{name: None})
+            assert getattr(request, name) == fields[name].default, name
+        else:
+            assert parameter.default == fields[name].default, name

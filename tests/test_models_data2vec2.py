@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from d2v_train.models import data2vec2 as objective
 from d2v_train.models import load_config
 from d2v_train.models.config import DecoderConfig, ModelConfig, MultiMaskConfig
-from d2v_train.models.data2vec import build_encoder, build_model
+from d2v_train.models.data2vec import build_encoder
 from d2v_train.models.decoder import ConvDecoder
 from d2v_train.models.multimask import (
     clone,
@@ -19,6 +19,7 @@ from d2v_train.models.multimask import (
     keep_index,
     restore,
 )
+from d2v_train.models.objectives import build_model
 from d2v_train.models.positions import alibi_bias, alibi_slopes, sincos_2d
 from d2v_train.models.targets import build_targets
 

@@ -412,3 +412,12 @@ def test_s3_missing_and_truncated_shards_are_named(s3_dataset, s3_server):
     with ShardReader(location, shard_list(dataset), data_suffix="flac", skip_bad_shards=True, **FAST) as r:
         results = r.read(requests)
         assert [s is None for s in results] == [q.shard in (1, 2) for q in requests]
+
+
+def test_a_request_has_the_index_span_columns_in_their_order():
+    """The loader builds requests positionally from the index columns: the fields must line up."""
+    from dataclasses import fields
+
+    from schemas.arrow import SPAN_COLUMNS
+
+    assert [f.name for f in fields(SampleRequest)] == ["shard", "key", *SPAN_COLUMNS, "payload_crc32"]

@@ -9,7 +9,7 @@ import pytest
 
 from d2v_train import checkpoint
 from d2v_train.config import load_train_config
-from d2v_train.models.data2vec import build_model
+from d2v_train.models.objectives import build_model
 from tests.helpers import REPO, run_d2v
 
 TINY = str(REPO / "configs" / "train_speech_tiny.yaml")

@@ -13,13 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import tokenizer as bpe
-from pipelines.build import DATASET_JSON, BuildOptions, EmptyCorpusError, build_dataset
+from pipelines.build import BuildOptions, EmptyCorpusError, build_dataset
 from pipelines.cluster import Runner
 from pipelines.plan import ShardSize
 from pipelines.sources.base import Reject
 from pipelines.sources.text import TextSource, assign_splits, document_spans
 from pipelines.storage import Location
 from pipelines.synthetic import make_text_corpus
+from schemas.dataset import DATASET_JSON
 
 REPO = Path(__file__).resolve().parents[1]
 VOCAB = 600

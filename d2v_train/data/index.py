@@ -10,9 +10,9 @@ from pipelines.inspection import read_dataset
 from pipelines.shards import read_parquet
 from pipelines.storage import Location, join
 from schemas import Dataset, ShardInfo
+from schemas.arrow import SPAN_COLUMNS
 
-_OFFSETS = ("sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
-            "mask_offset", "mask_bytes")
+_OFFSETS = SPAN_COLUMNS
 
 
 @dataclass

@@ -24,13 +24,12 @@ from d2v_train.data.reader import SampleRequest, ShardError, ShardReader
 from d2v_train.data.transforms import ImageTransform
 from pipelines.storage import Location
 from schemas import FrameGrid
-from schemas.arrow import DATA_SUFFIX
+from schemas.arrow import DATA_SUFFIX, SPAN_COLUMNS
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
-_REQUEST_COLUMNS = ("sample_offset", "sample_bytes", "data_offset", "data_bytes", "json_offset", "json_bytes",
-                    "mask_offset", "mask_bytes", "payload_crc32")
+_REQUEST_COLUMNS = (*SPAN_COLUMNS, "payload_crc32")  # SampleRequest's fields after shard and key
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
 from pipelines.storage import Location, is_local, join
-from schemas.arrow import payload_crc32
+from schemas.arrow import SPAN_COLUMNS, payload_crc32
 from schemas.dataset import inside_root, sha256_hex
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,8 @@ class SampleRequest:
     @classmethod
     def from_row(cls, shard: int, row: Mapping) -> SampleRequest:
         """From a shard index row (schemas.arrow.index_schema)."""
-        spans = (int(row[f"{member}_{part}"]) for member in ("sample", "data", "json", "mask")
-                 for part in ("offset", "bytes"))
-        return cls(shard, row["key"], *spans, int(row.get("payload_crc32", -1)))
+        return cls(shard, row["key"], *(int(row[column]) for column in SPAN_COLUMNS),
+                   int(row.get("payload_crc32", -1)))
 
 
 @dataclass

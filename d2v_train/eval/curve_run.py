@@ -88,7 +88,7 @@ def _slug(text: str) -> str:
 def run_curve(args, extra: list[str]) -> str:
     """All runs, then the report; returns where report.md is."""
     runs = plan_runs(args, extra)
-    from d2v_train.eval.cli import task_parser
+    from d2v_train.eval.tasks import task_parser
 
     parser = task_parser(args.curve_task)
     for run in runs:  # every command line is checked before the first run
@@ -129,7 +129,7 @@ def distinct_labels(runs: list[Run], results: list[EvalResult]) -> list[tuple[Ru
 
 def _run_all(task: str, runs: list[Run], jobs: int, world) -> list[EvalResult]:
     if jobs <= 1:
-        from d2v_train.eval.cli import evaluate_once, task_parser
+        from d2v_train.eval.tasks import evaluate_once, task_parser
 
         results = []
         for run in runs:
@@ -171,7 +171,7 @@ def _worker_run(task: str, argv: tuple[str, ...]) -> str:
     import torch
 
     from d2v_train.distributed import World
-    from d2v_train.eval.cli import evaluate_once, task_parser
+    from d2v_train.eval.tasks import evaluate_once, task_parser
 
     args = task_parser(task).parse_args(list(argv))
     args.eval_task = task

@@ -59,9 +59,13 @@ def make_optimizer(module: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
 
 
 def fit(module: nn.Module, batches: Iterable[dict], loss_fn: Callable[[dict, int], torch.Tensor], *, steps: int,
-        cfg: OptimConfig, world: World, log_every: int = 10, what: str = "fine-tune") -> list[CurvePoint]:
-    """`steps` updates of `module` on `batches`; returns the loss curve (rank-averaged losses)."""
-    optimizer = make_optimizer(module, cfg)
+        cfg: OptimConfig, world: World, log_every: int = 10, what: str = "fine-tune",
+        groups: list[dict] | None = None) -> list[CurvePoint]:
+    """`steps` updates of `module` on `batches`; returns the loss curve (rank-averaged losses).
+    `groups`: AdamW parameter groups of their own (default: make_optimizer's), each group's LR
+    scaled by its "lr_scale" (layer-wise decay)."""
+    optimizer = (torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps) if groups
+                 else make_optimizer(module, cfg))
     module.train()
     iterator = iter(batches)
     try:
@@ -78,7 +82,7 @@ def _updates(module, iterator, loss_fn, optimizer, steps, cfg, world, log_every,
     for step in range(steps):
         lr = cfg.lr * lr_scale(step, steps, cfg)
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         loss = loss_fn(next(iterator), step)
         if not torch.isfinite(loss):
             raise ValueError(f"{what}: the loss is {loss.item()} at update {step + 1}: lower --lr")

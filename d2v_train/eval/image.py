@@ -32,10 +32,9 @@ from d2v_train.distributed import World
 from d2v_train.eval import finetune, labelled, runtime
 from d2v_train.eval.metrics import topk_correct
 from d2v_train.models.encoder import Encoder
-from d2v_train.schedules import lr_scale
 from pipelines.inspection import read_dataset
 from pipelines.storage import Location
-from schemas.evaluation import CurvePoint, DataRef, EvalResult, LabelledSubset
+from schemas.evaluation import DataRef, EvalResult, LabelledSubset
 
 PROBE_DEFAULTS = {"steps": 300, "lr": 1e-2, "batch_size": 64, "weight_decay": 0.0}
 FINETUNE_DEFAULTS = {"steps": 200, "lr": 5e-4, "batch_size": 32, "weight_decay": 0.05}
@@ -272,32 +271,6 @@ def layer_decay_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], lay
     return [groups[key] for key in sorted(groups)]
 
 
-def train_classifier(model: nn.Module, batches: Iterator[dict], groups: list[dict], *, steps: int, cfg: OptimConfig,
-                     label_smoothing: float, world: World, log_every: int) -> list[CurvePoint]:
-    """finetune.fit's loop with each group's LR scaled by its "lr_scale" (fit sets one LR for all)."""
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
-    model.train()
-    curve: list[CurvePoint] = []
-    for step in range(steps):
-        lr = cfg.lr * lr_scale(step, steps, cfg)
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group["lr_scale"]
-        batch = next(batches)
-        logits_BC = model(batch["image"].to(world.device))
-        loss = F.cross_entropy(logits_BC, batch["label"].to(world.device), label_smoothing=label_smoothing)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"image-finetune: the loss is {loss.item()} at update {step + 1}: lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        runtime.average_gradients(model, world)
-        optimizer.step()
-        mean_loss = runtime.sum_across([loss.item()], world)[0] / world.size
-        curve.append(CurvePoint(step=step + 1, loss=mean_loss, lr=lr))
-        if (step + 1) % log_every == 0 or step + 1 == steps:
-            runtime.log(world, f"image-finetune {step + 1}/{steps} loss {mean_loss:.4f} lr {lr:.2e}")
-    return curve
-
-
 @torch.no_grad()
 def score(model: nn.Module, loader: StreamingLoader, world: World) -> tuple[dict[int, int], int]:
     """Top-k hits and images scored, summed over ranks (padding batches skipped: each image once)."""
@@ -336,8 +309,12 @@ def _finetune(args, world: World, backbone, image_size: int, classes: int) -> Ev
             train_loader.policy = BatchPolicy(batch_size=batch_size, shuffle=True, tail="drop")
             runtime.log(world, f"image-finetune: {subset.samples} labelled images: batches of {batch_size} per rank")
         batches = stack.enter_context(closing(finetune.forever(train_loader)))  # closing stops its threads
-        curve = train_classifier(model, batches, groups, steps=steps, cfg=cfg,
-                                 label_smoothing=args.label_smoothing, world=world, log_every=args.log_every)
+        def loss(batch: dict, step: int) -> torch.Tensor:
+            logits_BC = model(batch["image"].to(world.device))
+            return F.cross_entropy(logits_BC, batch["label"].to(world.device), label_smoothing=args.label_smoothing)
+
+        curve = finetune.fit(model, batches, loss, steps=steps, cfg=cfg, world=world, log_every=args.log_every,
+                             what="image-finetune", groups=groups)
         hits, scored = score(model, eval_loader, world)
     train_labels = train_loader.index.columns["label"]
     return EvalResult(

@@ -10,9 +10,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # run as a script 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from flows.cli import main as d2v_main
+    from d2v_train.eval.cli import main as eval_main
 
-    return d2v_main(["eval", *(sys.argv[1:] if argv is None else argv)], exit_after_eval=argv is None)
+    return eval_main(sys.argv[1:] if argv is None else argv, exit_after_eval=argv is None)
 
 
 if __name__ == "__main__":

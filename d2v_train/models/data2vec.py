@@ -21,7 +21,7 @@ from d2v_train.models.targets import build_targets, select_masked
 from d2v_train.models.text import build_text_encoder
 from d2v_train.models.vision import build_vision_encoder
 
-__all__ = ["Data2Vec", "Data2VecOutput", "build_encoder", "build_head", "build_model", "make_teacher", "ENCODERS"]
+__all__ = ["Data2Vec", "Data2VecOutput", "build_encoder", "build_head", "make_teacher", "ENCODERS"]
 
 # modality -> encoder builder
 ENCODERS = {
@@ -104,13 +104,3 @@ class Data2Vec(nn.Module):
         pred_ND = self.head(select_masked(x_BTD, mask_BT))
         loss_sum, count = regression_loss(pred_ND, y_ND, obj)
         return Data2VecOutput(loss_sum, count, std_stats(y_ND), std_stats(pred_ND), effective_rank(y_ND))
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    """The objective of ``cfg.variant``: ``Data2Vec`` (v1) or ``data2vec2.Data2Vec2``; both take
-    (batch, teacher) and return a ``Data2VecOutput``."""
-    if cfg.variant == "data2vec2":
-        from d2v_train.models.data2vec2 import Data2Vec2  # it builds on this module
-
-        return Data2Vec2(cfg)
-    return Data2Vec(cfg)

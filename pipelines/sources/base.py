@@ -59,9 +59,6 @@ class Source(ABC):
     def data_suffix(self) -> str:
         return DATA_SUFFIX[self.modality]
 
-    def empty_manifest(self) -> pa.Table:
-        return manifest_schema(self.modality).empty_table()
-
     def manifest_table(self, rows: list[dict]) -> pa.Table:
         schema = manifest_schema(self.modality)
         return pa.Table.from_pylist(rows, schema=schema) if rows else schema.empty_table()
