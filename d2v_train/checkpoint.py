@@ -17,11 +17,18 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
 from pipelines.storage import Location
 
-_STEP = re.compile(r"step-(\d{8})$")
+_STEP = re.compile(r"step-(\d{8})$")  # the folders step_folder names
+_ANY_STEP = re.compile(r"step-(\d+)/?$")  # also a folder a user names by hand (step-5)
 
 
 def step_folder(url: str, step: int) -> str:
     return f"{url.rstrip('/')}/step-{step:08d}"
+
+
+def step_of(folder: str) -> int | None:
+    """The step a checkpoint folder's name records, or None."""
+    match = _ANY_STEP.search(folder)
+    return int(match.group(1)) if match else None
 
 
 def _step_folders(url: str) -> dict[int, bool]:

@@ -17,8 +17,8 @@ import numpy as np
 import torch
 import torchdata.nodes as tn
 
-from d2v_train.data import collate, decode
 from d2v_train.data.index import SplitIndex
+from d2v_train.data.modalities import MODALITIES
 from d2v_train.data.plan import BatchPolicy, GlobalBatch, plan_epoch, rank_batch_numbers
 from d2v_train.data.reader import SampleRequest, ShardError, ShardReader
 from d2v_train.data.transforms import ImageTransform
@@ -76,8 +76,8 @@ class StreamingLoader:
         self.image_size, self.keep_empty_batches = image_size, keep_empty_batches
         self.image_transform = image_transform or ImageTransform()  # ImageNet's by default
         dataset = self.index.dataset
-        if dataset.modality == "speech" and policy.max_tokens is None and policy.crop:
-            raise ValueError("speech training batches are planned by --max-tokens")
+        self.modality = MODALITIES[dataset.modality]
+        self.modality.check_policy(policy)
         self.frame_grid = dataset.frame_grid or FrameGrid()
         self.variants = dataset.mask.variants
         self.reader = ShardReader(
@@ -180,14 +180,8 @@ class StreamingLoader:
         return {"keys": [], "skipped": skipped, "epoch": epoch, "batch": plan.number, "padding": padding}
 
     def _count(self, batch: dict) -> None:
-        samples = len(batch["keys"])
         real = int((~batch["padding_mask"]).sum()) if "padding_mask" in batch else 0  # samples or tokens
-        if self.index.modality == "speech":
-            self.throughput.add(samples, audio_seconds=real / self.frame_grid.sample_rate)
-        elif self.index.modality == "text":
-            self.throughput.add(samples, tokens=real)
-        else:
-            self.throughput.add(samples)
+        self.throughput.add(len(batch["keys"]), **self.modality.delivered(real, self))
 
     def _load(self, item: tuple[GlobalBatch, bool, int]) -> dict:
         plan, padding, epoch = item
@@ -201,44 +195,15 @@ class StreamingLoader:
         rng = np.random.default_rng([self.seed, epoch, plan.number, 5])
         if not keep:
             return self._empty(len(requests), epoch, plan, padding)
-        modality = self.index.modality
-        if modality == "speech":
-            items = self._decoded(requests, fetched, keep, lambda j: decode.decode_speech(
-                fetched[j].data, fetched[j].mask, variant=variant, crop_length=plan.crop_length,
-                crop_offset=int(plan.crop_offsets[j]) if plan.crop_offsets is not None else 0,
-                frame_grid=self.frame_grid))
-            skipped = len(requests) - len(keep)
-            if not keep:
-                return self._empty(skipped, epoch, plan, padding)
-            keys = [fetched[j].key for j in keep]
-            batch = collate.collate_speech(items, keys, pad=plan.crop_length is None)
-            if "transcript" in columns:
-                batch["transcripts"] = [columns["transcript"][plan.samples[j]] for j in keep]
-        elif modality == "vision":
-            tf = self.image_transform
-            rngs = dict(zip(keep, rng.spawn(len(keep))))
-            items = self._decoded(requests, fetched, keep, lambda j: decode.decode_image(
-                fetched[j].data, fetched[j].mask, variant=variant, train=self.train, rng=rngs[j],
-                size=self.image_size, scale=tf.crop_scale, hflip=tf.hflip, eval_resize=tf.eval_resize(self.image_size)))
-            skipped = len(requests) - len(keep)
-            if not keep:
-                return self._empty(skipped, epoch, plan, padding)
-            keys = [fetched[j].key for j in keep]
-            labels = [int(columns["label"][plan.samples[j]]) for j in keep]
-            batch = collate.collate_images(items, keys, labels)
-        else:
-            tokenizer = self.index.dataset.tokenizer
-            items = self._decoded(requests, fetched, keep,
-                                  lambda j: decode.decode_tokens(fetched[j].data, fetched[j].mask, variant=variant))
-            skipped = len(requests) - len(keep)
-            if not keep:
-                return self._empty(skipped, epoch, plan, padding)
-            keys = [fetched[j].key for j in keep]
-            batch = collate.collate_text(items, keys, pad_id=tokenizer.pad_id, mask_id=tokenizer.mask_id,
-                                         vocab_size=tokenizer.vocab_size,
-                                         special_ids=(tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id,
-                                                      tokenizer.unk_id, tokenizer.mask_id),
-                                         rng=rng)
+        modality = self.modality
+        draws = modality.draws(keep, rng)
+        items = self._decoded(requests, fetched, keep,
+                              lambda j: modality.decode(self, fetched[j], plan, j, variant, draws))
+        skipped = len(requests) - len(keep)
+        if not keep:
+            return self._empty(skipped, epoch, plan, padding)
+        batch = modality.collate(self, items, [fetched[j].key for j in keep], [plan.samples[j] for j in keep],
+                                 plan, rng)
         batch.update({"epoch": epoch, "batch": plan.number, "padding": padding})
         if skipped:
             batch["skipped"] = skipped  # samples of skipped bad shards left out of this batch

@@ -2,12 +2,12 @@
 of the same config (the baseline every comparison needs)."""
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from d2v_train.checkpoint import step_of
 from d2v_train.config import CONFIGS, TrainConfig
 from d2v_train.models.config import ModelConfig
 from d2v_train.models.data2vec import build_encoder
@@ -15,7 +15,6 @@ from d2v_train.models.encoder import Encoder
 from schemas.evaluation import CheckpointRef
 
 RANDOM = "random"
-_STEP = re.compile(r"step-(\d+)/?$")
 
 
 @dataclass
@@ -49,8 +48,7 @@ def load_backbone(checkpoint: str, model: str | None = None, *, seed: int = 0) -
         from d2v_train.export import load_model
 
         train_cfg, data2vec, folder = load_model(checkpoint)
-        match = _STEP.search(folder)
-        return _backbone(data2vec.student, train_cfg.model, train_cfg, folder, int(match.group(1)) if match else None)
+        return _backbone(data2vec.student, train_cfg.model, train_cfg, folder, step_of(folder))
     if not model:
         raise ValueError("--checkpoint random needs --model: a preset (e.g. speech_tiny), a YAML file or a checkpoint")
     model_cfg, train_cfg = _model_config(model)
