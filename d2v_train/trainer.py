@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from d2v_train import checkpoint
 from d2v_train.config import TrainConfig
-from d2v_train.data.loader import STATE_VERSION, StreamingLoader
+from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.transforms import ImageTransform
 from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
@@ -105,11 +105,12 @@ class Trainer:
         self.model = build_model(cfg.model).to(self.world.device)
         self.teacher = self.model.make_teacher().to(self.world.device)
         # the teacher never runs backward: nothing to recompute
-        prepare_blocks(list(self.model.student.transformer.blocks), compile=cfg.train.compile,
+        # the models say what is sharded, compiled and recomputed unit by unit
+        prepare_blocks(self.model.parallel_units(), compile=cfg.train.compile,
                        checkpointing=cfg.train.activation_checkpointing)
-        prepare_blocks(list(self.teacher.module.transformer.blocks), compile=cfg.train.compile)
-        shard(self.model, list(self.model.student.transformer.blocks), dtype=cfg.train.dtype, sum_gradients=True)
-        shard(self.teacher, list(self.teacher.module.transformer.blocks), dtype=cfg.train.dtype,
+        prepare_blocks(self.teacher.module.parallel_units(), compile=cfg.train.compile)
+        shard(self.model, self.model.parallel_units(), dtype=cfg.train.dtype, sum_gradients=True)
+        shard(self.teacher, self.teacher.module.parallel_units(), dtype=cfg.train.dtype,
               reshard_after_forward=True)  # a no_grad-only root must reshard, or EMA never reaches it
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg.optim.weight_decay), lr=cfg.optim.lr,
                                            betas=cfg.optim.betas, eps=cfg.optim.eps)
@@ -199,9 +200,7 @@ class Trainer:
                 raise ValueError(f"train.seed: the checkpoint at {folder} was trained with seed {seed}, "
                                  f"not {self.cfg.train.seed}")
             self.step = step
-            self.loader.load_state_dict({"version": STATE_VERSION, "split": self.loader.split, "seed": seed,
-                                         "epoch": epoch, "global_batches_done": done,
-                                         "world_size": self.world.size})
+            self.loader.seek(epoch, done)
         if self.world.main:
             checkpoint.remove_incomplete(url)
             self.metrics.truncate_from(self.step + 1)
@@ -290,8 +289,7 @@ class Trainer:
         accum = self.cfg.train.grad_accum
         if len(self.loader) < accum:
             self._close_epoch()
-            self.loader.load_state_dict({**self.loader.state_dict(), "epoch": self.loader.epoch + 1,
-                                         "global_batches_done": 0})
+            self.loader.next_epoch()
             self._check_epoch_fills_a_step()
         if self._epoch_batches is None:
             self._epoch_batches = iter(self.loader)
@@ -336,10 +334,7 @@ class Trainer:
                 totals["rank_sum"] += rank
                 totals["ranks"] += 1
             keys += batch["keys"]
-            if "source" in batch:  # speech: audio seconds
-                totals["units"] += batch["source"].numel() / self.loader.frame_grid.sample_rate
-            elif "tokens" in batch:  # text: tokens that are not padding
-                totals["units"] += float((~batch["padding_mask"]).sum())
+            totals["units"] += self.loader.modality.trained_units(batch, self.loader)
         totals["samples"], totals["stop"] = len(keys), float(self._stop_signal)
         reduced = all_reduce_sum(torch.cat([torch.tensor(list(totals.values()), dtype=torch.float64),
                                             target_stats, pred_stats]))

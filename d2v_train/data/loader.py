@@ -127,9 +127,16 @@ class StreamingLoader:
                 f"loader state is for split {state['split']!r} with seed {state['seed']}, "
                 f"this loader reads split {self.split!r} with seed {self.seed}"
             )
-        self.epoch = int(state["epoch"])
-        self._start = int(state["global_batches_done"])
-        self._served = 0
+        self.seek(state["epoch"], state["global_batches_done"])
+
+    def seek(self, epoch: int, global_batches_done: int) -> None:
+        """Continue from this position (a checkpoint's): the next iteration serves the global batches
+        of `epoch` after the first `global_batches_done`, this rank's share of them."""
+        self.epoch, self._start, self._served = int(epoch), int(global_batches_done), 0
+
+    def next_epoch(self) -> None:
+        """Leave what is left of this epoch: the next iteration starts the following one."""
+        self.seek(self.epoch + 1, 0)
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self):

@@ -37,6 +37,10 @@ class DataModality:
         """Throughput.add's units beyond samples for a batch of `real` unpadded positions."""
         return {}
 
+    def trained_units(self, batch: dict, loader) -> float:
+        """What a training batch is measured in for rates (audio seconds, tokens); 0: samples only."""
+        return 0.0
+
 
 class SpeechData(DataModality):
     name = "speech"
@@ -59,6 +63,9 @@ class SpeechData(DataModality):
 
     def delivered(self, real, loader):
         return {"audio_seconds": real / loader.frame_grid.sample_rate}
+
+    def trained_units(self, batch, loader):
+        return batch["source"].numel() / loader.frame_grid.sample_rate  # training crops: no padding
 
 
 class VisionData(DataModality):
@@ -94,6 +101,9 @@ class TextData(DataModality):
 
     def delivered(self, real, loader):
         return {"tokens": real}
+
+    def trained_units(self, batch, loader):
+        return float((~batch["padding_mask"]).sum())  # tokens that are not padding
 
 
 MODALITIES: dict[str, DataModality] = {m.name: m for m in (SpeechData(), VisionData(), TextData())}

@@ -80,6 +80,10 @@ class Data2Vec(nn.Module):
         self.student = build_encoder(cfg)
         self.head = build_head(cfg.objective.head, cfg.encoder.dim)
 
+    def parallel_units(self) -> list[nn.Module]:
+        """The student's units of sharding and activation checkpointing (the root holds the rest)."""
+        return self.student.parallel_units()
+
     def make_teacher(self) -> EMATeacher:
         return make_teacher(self.student)
 

@@ -47,6 +47,10 @@ class Data2Vec2(nn.Module):
         grid = getattr(self.student.frontend, "grid", None)
         self.decoder = ConvDecoder(cfg.data2vec2.decoder, cfg.encoder.dim, grid)
 
+    def parallel_units(self) -> list[nn.Module]:
+        """The student's units of sharding and activation checkpointing (the root holds the rest)."""
+        return self.student.parallel_units()
+
     def make_teacher(self) -> EMATeacher:
         return make_teacher(self.student)
 

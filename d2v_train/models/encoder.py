@@ -72,6 +72,10 @@ class Encoder(nn.Module):
         self.frontend = frontend
         self.transformer = Transformer(cfg)
 
+    def parallel_units(self) -> list[nn.Module]:
+        """The modules sharded (FSDP2), compiled and checkpointed one by one: the Transformer blocks."""
+        return list(self.transformer.blocks)
+
     def embed(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
         return self.frontend.embed(batch)
 
