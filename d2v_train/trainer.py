@@ -12,6 +12,7 @@ import math
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -39,6 +40,16 @@ from d2v_train.schedules import lr_scale
 from pipelines.storage import check_output
 
 SIGTERM_EXIT = 143
+
+
+@dataclass
+class StepSummary:
+    """One optimizer step, summed over ranks: its metrics record and what the loop needs besides."""
+
+    record: dict  # what metrics.jsonl and the progress line get
+    samples: float  # samples trained on in this step (all ranks)
+    units: float  # their audio seconds (speech) or tokens (text); 0 for images
+    stop: bool  # some rank received SIGTERM: save and leave
 # what a step adds up over its micro-batches and then over the ranks (one all-reduce): the loss sum
 # and its masked positions, samples, audio seconds (speech) or tokens (text), a SIGTERM flag, the
 # targets' effective ranks and how many, and the samples lost to skipped bad shards
@@ -253,10 +264,10 @@ class Trainer:
         started, samples, audio = time.monotonic(), 0.0, 0.0
         try:
             while self.step < cfg.train.max_steps:
-                record = self._train_step()
-                samples += record.pop("_samples")
-                audio += record.pop("_audio_s")
-                stop = record.pop("_stop")
+                summary = self._train_step()
+                record, stop = summary.record, summary.stop
+                samples += summary.samples
+                audio += summary.units
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     elapsed = max(time.monotonic() - started, 1e-9)
                     record["samples_per_s"] = samples / elapsed
@@ -308,7 +319,7 @@ class Trainer:
             self._epoch_batches.close()  # stops the loader's threads; its position stays where it was
             self._epoch_batches = None
 
-    def _train_step(self) -> dict:
+    def _train_step(self) -> StepSummary:
         cfg, world = self.cfg, self.world
         batches = self._next_batches()
         epoch = self.loader.epoch
@@ -383,11 +394,11 @@ class Trainer:
                                   f"{target_rank:.2f} (min {cfg.guard.min_target_rank}): they vary along that many "
                                   f"of their {cfg.model.encoder.dim} directions; the last good checkpoint is "
                                   f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
-        return {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
-                "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count), "skipped": skipped,
-                "skipped_samples": int(totals["lost_samples"]), "epoch": epoch,
-                "memory_mb": _memory_mb(world.device), "_samples": totals["samples"], "_audio_s": totals["units"],
-                "_stop": totals["stop"] > 0}
+        record = {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
+                  "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count),
+                  "skipped": skipped, "skipped_samples": int(totals["lost_samples"]), "epoch": epoch,
+                  "memory_mb": _memory_mb(world.device)}
+        return StepSummary(record, samples=totals["samples"], units=totals["units"], stop=totals["stop"] > 0)
 
     def _stand_in_for_empty(self, batch: dict, real: list[dict]) -> None:
         """A batch whose samples all came from skipped bad shards: this rank still runs a forward and

@@ -41,7 +41,7 @@ def _trainer(data: Path, run_dir: Path, *overrides: str):
 
 def _losses(trainer, steps: int) -> list[float]:
     try:
-        return [trainer._train_step()["loss"] for _ in range(steps)]
+        return [trainer._train_step().record["loss"] for _ in range(steps)]
     finally:
         trainer._close_epoch()
         trainer.loader.close()
