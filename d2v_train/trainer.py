@@ -272,7 +272,7 @@ class Trainer:
                     elapsed = max(time.monotonic() - started, 1e-9)
                     record["samples_per_s"] = samples / elapsed
                     if audio:  # audio seconds for speech, tokens for text
-                        record["tokens_per_s" if cfg.model.modality == "text" else "audio_s_per_s"] = audio / elapsed
+                        record[self.loader.modality.rate_name] = audio / elapsed
                     self.metrics.write(record)
                     if self.world.main:
                         print(progress_line(record), flush=True)

@@ -51,6 +51,10 @@ _MANIFEST_EXTRA = {
     ],
 }
 
+# The index column that gives a sample's length in the units batches are planned in (speech:
+# audio samples, text: tokens); images have none (batches of pictures have a fixed size).
+LENGTH_COLUMN = {"speech": "num_samples", "text": "num_tokens"}
+
 # Where each sample's members lie in its tar, as index columns: `{member}_offset`, `{member}_bytes`
 # ("sample" is the whole sample, headers included: one ranged read).
 SPAN_MEMBERS = ("sample", "data", "json", "mask")

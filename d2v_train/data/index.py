@@ -10,7 +10,7 @@ from pipelines.inspection import read_dataset
 from pipelines.shards import read_parquet
 from pipelines.storage import Location, join
 from schemas import Dataset, ShardInfo
-from schemas.arrow import SPAN_COLUMNS
+from schemas.arrow import LENGTH_COLUMN, SPAN_COLUMNS
 
 _OFFSETS = SPAN_COLUMNS
 
@@ -66,12 +66,9 @@ class SplitIndex:
             columns["payload_crc32"].append(  # -1: not recorded (an index of an older build)
                 table.column("payload_crc32").to_numpy().astype(np.int64) if "payload_crc32" in table.column_names
                 else np.full(rows, -1, dtype=np.int64))
-            if dataset.modality == "speech":
-                length = table.column("num_samples").to_numpy().astype(np.int64)
-            elif dataset.modality == "text":
-                length = table.column("num_tokens").to_numpy().astype(np.int64)
-            else:
-                length = np.ones(rows, dtype=np.int64)
+            length_column = LENGTH_COLUMN.get(dataset.modality)
+            length = (table.column(length_column).to_numpy().astype(np.int64) if length_column
+                      else np.ones(rows, dtype=np.int64))
             columns["length"].append(length)
             label = table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names \
                 else np.full(rows, -1, dtype=np.int64)

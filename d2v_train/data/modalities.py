@@ -17,6 +17,7 @@ class DataModality:
     whose settings (frame grid, image transform, index) the methods read."""
 
     name: str
+    rate_name: str | None = None  # the metrics key of trained_units per second, if the modality has one
 
     def check_policy(self, policy: BatchPolicy) -> None:
         """Refuse a batch policy the modality cannot plan with."""
@@ -44,6 +45,7 @@ class DataModality:
 
 class SpeechData(DataModality):
     name = "speech"
+    rate_name = "audio_s_per_s"
 
     def check_policy(self, policy: BatchPolicy) -> None:
         if policy.max_tokens is None and policy.crop:
@@ -87,6 +89,7 @@ class VisionData(DataModality):
 
 class TextData(DataModality):
     name = "text"
+    rate_name = "tokens_per_s"
 
     def decode(self, loader, sample, plan, j, variant, draws):
         return decode.decode_tokens(sample.data, sample.mask, variant=variant)
