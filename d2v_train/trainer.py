@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from d2v_train import checkpoint
+from d2v_train import checkpoint, guards
 from d2v_train.config import TrainConfig
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.transforms import ImageTransform
@@ -382,18 +382,9 @@ class Trainer:
         if self.keys_log is not None:
             self.keys_log.write(self.step, epoch, keys)
         target_std, pred_std = float(std_from_stats(target_stats)), float(std_from_stats(pred_stats))
-        if self.step > cfg.guard.collapse_after and (target_std < cfg.guard.min_target_std or
-                                                     pred_std < cfg.guard.min_pred_std):
-            raise TrainingStopped(f"representation collapse at step {self.step}: target std {target_std:.4f} "
-                                  f"(min {cfg.guard.min_target_std}), prediction std {pred_std:.4f} "
-                                  f"(min {cfg.guard.min_pred_std}); the last good checkpoint is "
-                                  f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
-        if (self.step > cfg.guard.collapse_after and cfg.guard.min_target_rank is not None
-                and target_rank < cfg.guard.min_target_rank):
-            raise TrainingStopped(f"representation collapse at step {self.step}: the targets' effective rank is "
-                                  f"{target_rank:.2f} (min {cfg.guard.min_target_rank}): they vary along that many "
-                                  f"of their {cfg.model.encoder.dim} directions; the last good checkpoint is "
-                                  f"{checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
+        why = guards.collapse(self.step, target_std, pred_std, target_rank, cfg.guard, cfg.model.encoder.dim)
+        if why:
+            raise TrainingStopped(f"{why}; the last good checkpoint is {checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
         record = {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
                   "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count),
                   "skipped": skipped, "skipped_samples": int(totals["lost_samples"]), "epoch": epoch,
