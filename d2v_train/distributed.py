@@ -13,6 +13,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 
+from d2v_train.launch import is_loopback
+
 
 @dataclass(frozen=True)
 class World:
@@ -33,7 +35,7 @@ def init_world() -> World:
         # nothing to rendezvous with: an in-memory store instead of a TCP one on every interface, and
         # gloo's own socket on the loopback interface (no listener reachable from another machine)
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
-    elif os.environ.get("MASTER_ADDR") in ("127.0.0.1", "localhost", "::1"):
+    elif is_loopback(os.environ.get("MASTER_ADDR")):
         # a one-machine job (`python -m d2v_train.launch --standalone`): gloo's peers are all here
         os.environ.setdefault("GLOO_SOCKET_IFNAME", _loopback_interface())
     _die_with_launcher()

@@ -55,11 +55,12 @@ def one_machine(args) -> bool:
     `--standalone`, or a rendezvous address (`--rdzv-endpoint`, else `--master-addr`) on loopback."""
     if args.standalone:
         return True
-    host = args.rdzv_endpoint.rsplit(":", 1)[0] if args.rdzv_endpoint else args.master_addr
-    return host.strip("[]") in _LOOPBACK_NAMES
+    return is_loopback(args.rdzv_endpoint.rsplit(":", 1)[0] if args.rdzv_endpoint else args.master_addr)
 
 
-_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1"}
+def is_loopback(host: str | None) -> bool:
+    """Whether a rendezvous host names this machine's loopback interface."""
+    return host is not None and host.strip("[]") in ("localhost", "127.0.0.1", "::1")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -47,49 +47,45 @@ def main(argv: list[str] | None = None, *, exit_after_eval: bool = False) -> int
     args, extra = parser.parse_known_args(argv)
     if extra and not (args.command == "eval" and args.eval_task == "curve"):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")  # only the curve passes options on
-    try:
-        if args.command == "data" and args.data_command == "stream":
-            from d2v_train.data import cli as stream_cli
+    from pipelines.cli_errors import exit_code
 
-            return stream_cli.run(args)
-        if args.command == "data":
-            from pipelines import cli as data_cli
+    return exit_code(lambda: _run(args, extra, exit_after_eval))
 
-            return data_cli.run(args)
-        if args.command == "eval":
-            from d2v_train.eval.cli import run_and_exit
 
-            return run_and_exit(args, extra, exit_after_eval=exit_after_eval)
-        if args.command == "export-hf":
-            from d2v_train.export import export_hf
+def _run(args, extra: list[str], exit_after_eval: bool) -> int:
+    if args.command == "data" and args.data_command == "stream":
+        from d2v_train.data import cli as stream_cli
 
-            print(f"wrote {export_hf(args.checkpoint, args.out_dir)}")
-            return 0
-        if args.command == "encode":
-            return _encode(args)
-        if args.command == "demo":
-            from flows.demo import run_demo
+        return stream_cli.run(args)
+    if args.command == "data":
+        from pipelines import cli as data_cli
 
-            _exit_cleanly_on_sigterm()  # the temporary Prefect server and the Dask cluster end with the demo
-            return run_demo(args.modality, args.out, workers=args.workers, variant=args.variant)
-        if args.command == "serve":
-            from flows.serve import MODALITIES, serve
+        return data_cli.run(args)
+    if args.command == "eval":
+        from d2v_train.eval.cli import run_and_exit
 
-            chosen = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
-            unknown = sorted(set(chosen) - set(MODALITIES))
-            if unknown or not chosen:
-                raise ValueError(f"--modalities: choose from {', '.join(MODALITIES)} (got {args.modalities!r})")
-            serve(chosen, limit=args.limit)
-            return 0
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, ConnectionError) as exc:
-        # Errors a user can cause (bad input, unreachable storage, wrong config): one clear line.
-        from pipelines.storage import error_line
+        return run_and_exit(args, extra, exit_after_eval=exit_after_eval)
+    if args.command == "export-hf":
+        from d2v_train.export import export_hf
 
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+        print(f"wrote {export_hf(args.checkpoint, args.out_dir)}")
+        return 0
+    if args.command == "encode":
+        return _encode(args)
+    if args.command == "demo":
+        from flows.demo import run_demo
+
+        _exit_cleanly_on_sigterm()  # the temporary Prefect server and the Dask cluster end with the demo
+        return run_demo(args.modality, args.out, workers=args.workers, variant=args.variant)
+    if args.command == "serve":
+        from flows.serve import MODALITIES, serve
+
+        chosen = tuple(m.strip() for m in args.modalities.split(",") if m.strip())
+        unknown = sorted(set(chosen) - set(MODALITIES))
+        if unknown or not chosen:
+            raise ValueError(f"--modalities: choose from {', '.join(MODALITIES)} (got {args.modalities!r})")
+        serve(chosen, limit=args.limit)
+        return 0
     raise AssertionError(args.command)
 
 

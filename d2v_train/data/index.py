@@ -12,8 +12,6 @@ from pipelines.storage import Location, join
 from schemas import Dataset, ShardInfo
 from schemas.arrow import LENGTH_COLUMN, SPAN_COLUMNS
 
-_OFFSETS = SPAN_COLUMNS
-
 
 @dataclass
 class SplitIndex:
@@ -54,14 +52,14 @@ class SplitIndex:
         with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
             tables = list(pool.map(lambda shard: read_parquet(fs, join(root, shard.index)), shards))
         columns: dict[str, list] = {name: [] for name in ("key", "shard", "length", "label", "mask_length", "payload_crc32",
-                                                          *_OFFSETS)}
+                                                          *SPAN_COLUMNS)}
         for number, (shard, table) in enumerate(zip(shards, tables)):
             if table.num_rows != shard.samples:
                 raise ValueError(f"{shard.index} has {table.num_rows} rows but dataset.json says {shard.samples}")
             rows = table.num_rows
             columns["key"].append(np.asarray(table.column("key").to_pylist(), dtype=object))
             columns["shard"].append(np.full(rows, number, dtype=np.int32))
-            for name in ("mask_length", *_OFFSETS):
+            for name in ("mask_length", *SPAN_COLUMNS):
                 columns[name].append(table.column(name).to_numpy().astype(np.int64))
             columns["payload_crc32"].append(  # -1: not recorded (an index of an older build)
                 table.column("payload_crc32").to_numpy().astype(np.int64) if "payload_crc32" in table.column_names

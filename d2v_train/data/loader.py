@@ -169,10 +169,16 @@ class StreamingLoader:
         skip_bad_shards is dropped from `keep`, counted and logged."""
         items, good = [], []
         for j in keep:
-            problem = _damage(fetched[j], lambda j=j: items.append(decode_one(j)))
-            if problem is None:
-                good.append(j)
-                continue
+            sample = fetched[j]
+            if sample.damage:
+                problem = f"sample {sample.key}: {sample.damage}"
+            else:
+                try:
+                    items.append(decode_one(j))
+                    good.append(j)
+                    continue
+                except Exception as exc:  # noqa: BLE001 - whatever damaged bytes make a decoder raise
+                    problem = f"sample {sample.key} cannot be decoded ({type(exc).__name__}: {exc})"
             shard = self.reader.shards[requests[j].shard].name
             if not self.reader.skip_bad_shards:
                 raise ShardError(shard, problem + "; data.skip_bad_shards / --skip-bad-shards skips such samples")
@@ -218,17 +224,6 @@ class StreamingLoader:
 
     def close(self) -> None:
         self.reader.close()
-
-
-def _damage(sample, decode) -> str | None:
-    """None when `sample` is intact and `decode()` succeeds; otherwise what is wrong with it."""
-    if sample.damage:
-        return f"sample {sample.key}: {sample.damage}"
-    try:
-        decode()
-    except Exception as exc:  # noqa: BLE001 - whatever damaged bytes make a decoder raise
-        return f"sample {sample.key} cannot be decoded ({type(exc).__name__}: {exc})"
-    return None
 
 
 def _unwrapped_errors(batches):

@@ -3,7 +3,6 @@ encoder on a downstream task and print one JSON result; `d2v eval report` compar
 from __future__ import annotations
 
 import argparse
-import sys
 
 from d2v_train.eval.tasks import HELP, TASK_ARGUMENTS, TASKS, add_common_arguments, evaluate_once
 
@@ -51,16 +50,9 @@ def main(argv: list[str], *, exit_after_eval: bool = False) -> int:
     args, extra = parser.parse_known_args(["eval", *argv])
     if extra and args.eval_task != "curve":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")  # only the curve passes options on
-    try:
-        return run_and_exit(args, extra, exit_after_eval=exit_after_eval)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, OSError, ConnectionError) as exc:
-        from pipelines.storage import error_line
+    from pipelines.cli_errors import exit_code
 
-        print(f"error: {error_line(exc)}", file=sys.stderr)
-        return 2
+    return exit_code(lambda: run_and_exit(args, extra, exit_after_eval=exit_after_eval))
 
 
 def run_and_exit(args, extra: list[str], *, exit_after_eval: bool) -> int:
