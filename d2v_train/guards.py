@@ -1,9 +1,22 @@
-"""What stops pre-training on purpose: a collapsed representation (DATA2VEC.md's guard) after
-`guard.collapse_after` updates. Pure: the trainer passes a step's reduced statistics and raises
-TrainingStopped with the returned sentence."""
+"""What stops or skips a pre-training step on purpose: a non-finite loss or gradient norm
+(`guard.nonfinite`: stop, or skip the update) and a collapsed representation (DATA2VEC.md's guard)
+after `guard.collapse_after` updates. The rules are pure functions; `StepGuard` is the trainer's
+component that applies them and raises TrainingStopped with the sentence they return."""
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 from d2v_train.config import GuardConfig
+
+
+class TrainingStopped(RuntimeError):
+    """The run cannot go on (non-finite loss, collapse): the message says why."""
+
+
+def nonfinite(loss: float, grad_norm: float) -> bool:
+    """A step whose update would poison the weights."""
+    return not (math.isfinite(loss) and math.isfinite(grad_norm))
 
 
 def collapse(step: int, target_std: float, pred_std: float, target_rank: float, guard: GuardConfig,
@@ -18,3 +31,25 @@ def collapse(step: int, target_std: float, pred_std: float, target_rank: float, 
         return (f"representation collapse at step {step}: the targets' effective rank is {target_rank:.2f} "
                 f"(min {guard.min_target_rank}): they vary along that many of their {dim} directions")
     return None
+
+
+class StepGuard:
+    """The guards of one run. `last_good` names the newest complete checkpoint (or None), asked
+    only when a run stops, so that the message says where to resume from."""
+
+    def __init__(self, guard: GuardConfig, dim: int, last_good: Callable[[], str | None]) -> None:
+        self.guard, self.dim, self.last_good = guard, dim, last_good
+
+    def skips(self, step: int, loss: float, grad_norm: float, masked: float) -> bool:
+        """Whether update `step` is left out: a non-finite one (unless guard.nonfinite stops the run),
+        or one with no masked position (every batch of the step lost to skipped bad shards)."""
+        bad = nonfinite(loss, grad_norm)
+        if bad and self.guard.nonfinite == "stop":
+            raise TrainingStopped(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; the "
+                                  f"last good checkpoint is {self.last_good() or 'none (none was saved)'}")
+        return bad or masked == 0
+
+    def check_collapse(self, step: int, target_std: float, pred_std: float, target_rank: float) -> None:
+        why = collapse(step, target_std, pred_std, target_rank, self.guard, self.dim)
+        if why:
+            raise TrainingStopped(f"{why}; the last good checkpoint is {self.last_good() or 'none'}")

@@ -5,94 +5,36 @@ batches of the loader's plan: 1 rank with grad_accum 2 and 2 ranks with grad_acc
 same batches. The loss is the sum over every rank's masked positions divided by their all-reduced
 count (FSDP reduces plain sums), so both compute the same update. Random draws (dropout, layer
 drop) are seeded from (seed, step) on every rank: a resumed run repeats them without saved RNG state.
+
+The trainer wires components together, in torchtitan's shape: `step.ForwardBackward` (micro-batches
+-> gradients and reduced totals), `guards.StepGuard` (non-finite and collapse), `step.OptimizerStep`
+(mean gradients, clipping, schedule, AdamW, EMA) and `checkpointer.Checkpointer` (the stateful parts);
+the model names its own units of sharding (`parallel_units`), the loader offers `seek`/`next_epoch`.
 """
 from __future__ import annotations
 
-import math
 import signal
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_optimizer_state_dict,
-    set_model_state_dict,
-    set_optimizer_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from d2v_train import checkpoint, guards
+from d2v_train import checkpoint
+from d2v_train.checkpointer import Checkpointer
 from d2v_train.config import TrainConfig
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.transforms import ImageTransform
-from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
+from d2v_train.distributed import World, init_world, prepare_blocks, shard
+from d2v_train.guards import StepGuard, TrainingStopped  # noqa: F401 - TrainingStopped: what train() may raise
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
-from d2v_train.models.ema import ema_tau
-from d2v_train.models.loss import std_from_stats
 from d2v_train.models.objectives import build_model
-from d2v_train.schedules import lr_scale
+from d2v_train.step import ForwardBackward, OptimizerStep, StepSummary
 from pipelines.storage import check_output
 
 SIGTERM_EXIT = 143
-
-
-@dataclass
-class StepSummary:
-    """One optimizer step, summed over ranks: its metrics record and what the loop needs besides."""
-
-    record: dict  # what metrics.jsonl and the progress line get
-    samples: float  # samples trained on in this step (all ranks)
-    units: float  # their audio seconds (speech) or tokens (text); 0 for images
-    stop: bool  # some rank received SIGTERM: save and leave
-# what a step adds up over its micro-batches and then over the ranks (one all-reduce): the loss sum
-# and its masked positions, samples, audio seconds (speech) or tokens (text), a SIGTERM flag, the
-# targets' effective ranks and how many, and the samples lost to skipped bad shards
-STEP_TOTALS = ("loss_sum", "masked", "samples", "units", "stop", "rank_sum", "ranks", "lost_samples")
-
-
-# What a resumed run must share with its checkpoint: the model, and the settings the epoch plan is
-# a function of (the dataset's URL may move, the world size may change: elastic resume).
-_PLAN_FIELDS = ("split", "max_tokens", "batch_size", "min_sample_size", "max_sample_size", "shuffle_block")
-
-
-def check_resumable(cfg: TrainConfig, folder: str) -> None:
-    """Refuse, naming the settings, to resume `folder` with another model or batch plan (the run
-    would fail to load, or silently continue on another plan); checkpoint.allow_changes overrides."""
-    from pipelines.storage import Location
-
-    fs, root = Location(folder).filesystem()
-    path = f"{root.rstrip('/')}/{checkpoint.CONFIG_FILE}"
-    if not fs.exists(path):
-        return  # written before configs were stored beside checkpoints: nothing to compare
-    saved = TrainConfig.model_validate_json(fs.cat_file(path))
-    old, new = _flat(saved.model_dump()), _flat(cfg.model_dump())
-    changed = [k for k in new if k.startswith("model.") and old.get(k) != new[k]]
-    changed += [f"data.{k}" for k in _PLAN_FIELDS if old.get(f"data.{k}") != new[f"data.{k}"]]
-    if changed:
-        shown = ", ".join(f"{k} {old.get(k)!r} -> {new[k]!r}" for k in changed[:4])
-        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
-        raise ValueError(f"the checkpoint at {folder} was trained with other settings: {shown}{more}; use the "
-                         "checkpoint's, another checkpoint.url, or checkpoint.allow_changes=true to resume anyway")
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
-class TrainingStopped(RuntimeError):
-    """The run cannot go on (non-finite loss, collapse): the message says why."""
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -141,41 +83,18 @@ class Trainer:
         self.step = 0
         self.resumed_from: str | None = None
         self._epoch_batches = None  # the loader's iterator over the current epoch
-        self._last_batch: dict | None = None  # stands in for a batch lost to skipped bad shards
         self._stop_signal = False
-        self._pending_save: checkpoint.PendingSave | None = None
-        # async saves run DCP's collectives in a thread: on a group of their own (a collective call)
-        self._save_group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save and dist.is_initialized() \
-            else None
+        # the components of a step, and the checkpointer of everything a resume needs
+        self.forward_backward = ForwardBackward(self.model, self.teacher, self.world.rank, cfg.model.encoder.dim,
+                                                units=lambda batch: self.loader.modality.trained_units(batch, self.loader))
+        self.optimizer_step = OptimizerStep(self.model, self.teacher, self.optimizer, cfg)
+        self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, teacher=self.teacher,
+                                         progress=self._progress, main=self.world.main)
+        self.guard = StepGuard(cfg.guard, cfg.model.encoder.dim, last_good=self.checkpointer.last_good)
 
     # -- checkpoints --------------------------------------------------------------------------
-    def _state(self) -> dict:
-        # the progress tensor is the same on every rank (DCP stores it once): the loader's state is
-        # global, so it resumes at any world size
-        return {
-            "model": get_model_state_dict(self.model),
-            "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
-            "teacher": get_model_state_dict(self.teacher),
-            "progress": torch.tensor([self.step, self.loader.epoch, self.loader.global_batches_done,
-                                      self.cfg.train.seed], dtype=torch.int64),
-        }
-
-    def save(self) -> str:
-        """Save this step (after the previous async save completed); with checkpoint.async_save the
-        folder is written in the background and counts once `wait_for_save` returns."""
-        self.wait_for_save()
-        args = (self._state(), self.cfg.checkpoint_url, self.step, self.cfg.checkpoint.keep)
-        if not self.cfg.checkpoint.async_save:
-            return checkpoint.save(*args, config_json=self.cfg.model_dump_json())
-        self._pending_save = checkpoint.save_async(*args, config_json=self.cfg.model_dump_json(),
-                                                   process_group=self._save_group)
-        return self._pending_save.folder
-
-    def wait_for_save(self) -> None:
-        """Block until an async save in flight is complete (its .metadata written), then prune."""
-        if self._pending_save is not None:
-            pending, self._pending_save = self._pending_save, None
-            pending.wait()
+    def _progress(self) -> list[int]:
+        return [self.step, self.loader.epoch, self.loader.global_batches_done, self.cfg.train.seed]
 
     def _check_dataset_fits_the_model(self) -> None:
         """The dataset's modality and stored masks against the model, before the first batch."""
@@ -199,14 +118,10 @@ class Trainer:
         url = self.cfg.checkpoint_url
         if self.world.main:  # before any update: the first save is checkpoint.every_steps away
             check_output(url, "checkpoint.url", folder=True)
-        folder = self._load_newest_readable(url)
-        if folder is not None:
-            state = self._loaded_state
-            del self._loaded_state
-            set_model_state_dict(self.model, state["model"])
-            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-            set_model_state_dict(self.teacher, state["teacher"])
-            step, epoch, done, seed = (int(v) for v in state["progress"])
+        loaded = self.checkpointer.load_newest()
+        folder = None
+        if loaded is not None:
+            folder, (step, epoch, done, seed) = loaded
             if seed != self.cfg.train.seed:
                 raise ValueError(f"train.seed: the checkpoint at {folder} was trained with seed {seed}, "
                                  f"not {self.cfg.train.seed}")
@@ -220,37 +135,6 @@ class Trainer:
             dist.barrier()  # no rank logs keys before rank 0 has truncated the files
         self.resumed_from = folder
         return folder
-
-    def _load_newest_readable(self, url: str) -> str | None:
-        """The newest complete checkpoint that loads (its state kept in `_loaded_state`): one whose
-        files were damaged after the save (a truncated .distcp) is passed over, with a warning, for
-        the one before it. DCP loads collectively, so every rank sees the same failure."""
-        named = checkpoint.resolve(url)
-        if named is None:
-            return None
-        if not self.cfg.checkpoint.allow_changes:
-            check_resumable(self.cfg, named)
-        steps = checkpoint.complete_steps(url) if named != url else []  # url may name one checkpoint itself
-        candidates = [checkpoint.step_folder(url, s) for s in reversed(steps)] or [named]
-        for n, folder in enumerate(candidates):
-            state = self._state()
-            try:
-                checkpoint.load(state, folder)
-            except checkpoint.UnsafeCheckpointError:
-                raise
-            except (Exception, CheckpointException) as exc:  # noqa: BLE001 - any damage: try the one before
-                # (DCP's CheckpointException is a BaseException; its text ends with the rank's error)
-                lines = str(exc).strip().splitlines() or [type(exc).__name__]
-                reason = lines[-1].strip()[-200:]
-                if n + 1 == len(candidates):
-                    raise ValueError(f"no checkpoint under {url} can be loaded; the oldest, {folder}: {reason}") from None
-                if self.world.main:
-                    print(f"warning: checkpoint {folder} cannot be loaded ({reason}); resuming from "
-                          f"{candidates[n + 1]} instead", file=sys.stderr, flush=True)
-                continue
-            self._loaded_state = state
-            return folder
-        return None
 
     # -- training -----------------------------------------------------------------------------
     def train(self) -> int:
@@ -277,15 +161,15 @@ class Trainer:
                     if self.world.main:
                         print(progress_line(record), flush=True)
                 if stop or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
-                    folder = self.save()
+                    folder = self.checkpointer.save(self.step)
                 if stop:
-                    self.wait_for_save()
+                    self.checkpointer.wait()
                     if self.world.main:
                         print(f"SIGTERM: saved {folder} at step {self.step}; exiting", flush=True)
                     return SIGTERM_EXIT
         finally:
             signal.signal(signal.SIGTERM, previous)
-            self.wait_for_save()  # a checkpoint counts only once complete: never exit mid-write
+            self.checkpointer.wait()  # a checkpoint counts only once complete: never exit mid-write
             self._close_epoch()
             self.loader.close()
             self.metrics.close()
@@ -320,88 +204,29 @@ class Trainer:
             self._epoch_batches = None
 
     def _train_step(self) -> StepSummary:
-        cfg, world = self.cfg, self.world
+        """Forward and backward over the step's batches, the guards, the update; its summary."""
+        cfg = self.cfg
         batches = self._next_batches()
         epoch = self.loader.epoch
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.step)  # same draws on every rank, and on resume
-        self.model.train()
-        totals = dict.fromkeys(STEP_TOTALS, 0.0)
-        target_stats = pred_stats = torch.zeros(1 + 2 * cfg.model.encoder.dim, dtype=torch.float64)  # std_stats
-        keys = []
-        real = [batch for batch in batches if batch["keys"]]
-        self._last_batch = real[-1] if real else self._last_batch
-        for batch in batches:
-            totals["lost_samples"] += batch.get("skipped", 0)
-            if not batch["keys"]:
-                self._stand_in_for_empty(batch, real)
-                continue
-            out = self.model(batch, self.teacher)
-            out.loss_sum.backward()
-            totals["loss_sum"] += float(out.loss_sum.detach())
-            totals["masked"] += float(out.count)
-            target_stats = out.target_stats.detach().cpu() + target_stats
-            pred_stats = out.pred_stats.detach().cpu() + pred_stats
-            if math.isfinite(rank := float(out.target_rank)):
-                totals["rank_sum"] += rank
-                totals["ranks"] += 1
-            keys += batch["keys"]
-            totals["units"] += self.loader.modality.trained_units(batch, self.loader)
-        totals["samples"], totals["stop"] = len(keys), float(self._stop_signal)
-        reduced = all_reduce_sum(torch.cat([torch.tensor(list(totals.values()), dtype=torch.float64),
-                                            target_stats, pred_stats]))
-        totals = dict(zip(STEP_TOTALS, reduced[:len(STEP_TOTALS)].tolist()))
-        target_stats, pred_stats = reduced[len(STEP_TOTALS):].chunk(2)
-        count = totals["masked"]
-        target_rank = totals["rank_sum"] / totals["ranks"] if totals["ranks"] else float("nan")
-        loss = totals["loss_sum"] / max(count, 1.0)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        for param in params:
-            param.grad.div_(max(count, 1.0))  # the global mean over masked positions
-        grads = [p.grad for p in params]
-        norm = torch.nn.utils.get_total_norm(grads)
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        lr = cfg.optim.lr * lr_scale(self.step, cfg.train.max_steps, cfg.optim)
-        tau = ema_tau(self.step, cfg.model.ema)
-        nonfinite = not (math.isfinite(loss) and math.isfinite(grad_norm))
-        skipped = nonfinite or count == 0  # count 0: every batch of the step was lost to skipped bad shards
+        totals = self.forward_backward(batches, stop=self._stop_signal)
+        loss = totals.loss
+        params, norm, grad_norm = self.optimizer_step.mean_gradients(totals.masked)
+        lr, tau = self.optimizer_step.schedule(self.step)
+        skipped = self.guard.skips(self.step + 1, loss, grad_norm, totals.masked)
         if skipped:
-            self.optimizer.zero_grad(set_to_none=True)
-            if nonfinite and cfg.guard.nonfinite == "stop":
-                raise TrainingStopped(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step "
-                                      f"{self.step + 1}; the last good checkpoint is "
-                                      f"{checkpoint.resolve(cfg.checkpoint_url) or 'none (none was saved)'}")
+            self.optimizer_step.discard()
         else:
-            if cfg.optim.clip_norm is not None:
-                torch.nn.utils.clip_grads_with_norm_(params, cfg.optim.clip_norm, norm)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.teacher.update(self.model.student, tau)
+            self.optimizer_step.apply(params, norm, lr, tau)
         self.step += 1
         if self.keys_log is not None:
-            self.keys_log.write(self.step, epoch, keys)
-        target_std, pred_std = float(std_from_stats(target_stats)), float(std_from_stats(pred_stats))
-        why = guards.collapse(self.step, target_std, pred_std, target_rank, cfg.guard, cfg.model.encoder.dim)
-        if why:
-            raise TrainingStopped(f"{why}; the last good checkpoint is {checkpoint.resolve(cfg.checkpoint_url) or 'none'}")
-        record = {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": target_std,
-                  "pred_std": pred_std, "target_rank": target_rank, "grad_norm": grad_norm, "masked": int(count),
-                  "skipped": skipped, "skipped_samples": int(totals["lost_samples"]), "epoch": epoch,
-                  "memory_mb": _memory_mb(world.device)}
-        return StepSummary(record, samples=totals["samples"], units=totals["units"], stop=totals["stop"] > 0)
-
-    def _stand_in_for_empty(self, batch: dict, real: list[dict]) -> None:
-        """A batch whose samples all came from skipped bad shards: this rank still runs a forward and
-        backward, of a real batch (of this step, else the last one) weighted 0, because FSDP's
-        collectives must match across ranks; it adds nothing to the loss or the gradients."""
-        stand_in = real[0] if real else self._last_batch
-        if stand_in is None:
-            raise TrainingStopped(f"rank {self.world.rank}: every sample of global batch {batch['batch']} (epoch "
-                                  f"{batch['epoch']}) came from skipped bad shards, and this process has no earlier "
-                                  "batch to keep step with the other ranks")
-        out = self.model(stand_in, self.teacher)
-        (out.loss_sum * 0.0).backward()
+            self.keys_log.write(self.step, epoch, totals.keys)
+        self.guard.check_collapse(self.step, totals.target_std, totals.pred_std, totals.target_rank)
+        record = {"step": self.step, "loss": loss, "lr": lr, "tau": tau, "target_std": totals.target_std,
+                  "pred_std": totals.pred_std, "target_rank": totals.target_rank, "grad_norm": grad_norm,
+                  "masked": int(totals.masked), "skipped": skipped, "skipped_samples": int(totals.lost_samples),
+                  "epoch": epoch, "memory_mb": _memory_mb(self.world.device)}
+        return StepSummary(record, samples=totals.samples, units=totals.units, stop=totals.stop)
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_signal = True  # acted on after the step: every rank sees it in the step's all-reduce
