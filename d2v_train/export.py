@@ -2,7 +2,6 @@
 representations of files (`d2v encode`)."""
 from __future__ import annotations
 
-import io
 import json
 import warnings
 from pathlib import Path
@@ -91,39 +90,7 @@ def encode(url: str, inputs: list[str], *, layer: int | None = None) -> list[np.
 
 
 def _batch(cfg: TrainConfig, path: str) -> dict:
-    from d2v_train.data import decode
+    from d2v_train.data.modalities import MODALITIES
 
     fs, file_path = Location(path).filesystem()
-    data = fs.cat_file(file_path)
-    modality = cfg.model.modality
-    if modality == "speech":
-        import soundfile
-
-        audio, rate = soundfile.read(io.BytesIO(data), dtype="float32", always_2d=True)
-        if rate != 16000 or audio.shape[1] != 1:
-            raise ValueError(f"{path}: expected 16 kHz mono audio, got {rate} Hz with {audio.shape[1]} channel(s)")
-        wav = audio[:, 0]
-        shortest = cfg.model.frontend.receptive_field
-        if wav.size < shortest:
-            raise ValueError(f"{path}: {wav.size} samples, shorter than one frame of the encoder ({shortest})")
-        wav = (wav - wav.mean()) / np.sqrt(wav.var() + 1e-5)  # as the loader normalises
-        source = torch.from_numpy(wav[None].astype(np.float32))
-        return {"source": source, "padding_mask": torch.zeros_like(source, dtype=torch.bool)}
-    if modality == "vision":
-        size = cfg.model.frontend.image_size
-        patches = (size // cfg.model.frontend.patch_size) ** 2
-        mask = io.BytesIO()
-        np.save(mask, np.zeros((1, patches), dtype=bool))
-        image, _ = decode.decode_image(data, mask.getvalue(), variant=0, train=False,
-                                       rng=np.random.default_rng(0), size=size, eval_resize=round(size * 256 / 224))
-        return {"image": torch.from_numpy(np.ascontiguousarray(image))[None],
-                "mask": torch.zeros(1, patches, dtype=torch.bool)}
-    from pipelines.tokenizer import load_tokenizer, special_ids
-
-    tokenizer = load_tokenizer(f"{cfg.data.url.rstrip('/')}/tokenizer")
-    ids = special_ids(tokenizer)
-    content = tokenizer.encode(data.decode("utf-8"), add_special_tokens=False).ids[: cfg.model.frontend.max_positions - cfg.model.frontend.pad_id - 3]
-    tokens = [ids["bos_id"]] + content + [ids["eos_id"]]
-    tokens_BT = torch.tensor([tokens], dtype=torch.int64)
-    return {"tokens": tokens_BT, "target_tokens": tokens_BT, "padding_mask": torch.zeros_like(tokens_BT, dtype=torch.bool),
-            "mask": torch.zeros_like(tokens_BT, dtype=torch.bool), "target_mask": torch.zeros_like(tokens_BT, dtype=torch.bool)}
+    return MODALITIES[cfg.model.modality].single_input(fs.cat_file(file_path), path, cfg.model, cfg.data.url)

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from d2v_train.data.batches import Batch
 from d2v_train.distributed import all_reduce_sum
 from d2v_train.guards import TrainingStopped
 from d2v_train.models.ema import ema_tau
@@ -64,11 +65,11 @@ class ForwardBackward:
     for the throughput rate (the data modality's trained units)."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module, rank: int, dim: int,
-                 units: Callable[[dict], float]) -> None:
+                 units: Callable[[Batch], float]) -> None:
         self.model, self.teacher, self.rank, self.dim, self.units = model, teacher, rank, dim, units
-        self._last_batch: dict | None = None  # stands in for a batch lost to skipped bad shards
+        self._last_batch: Batch | None = None  # stands in for a batch lost to skipped bad shards
 
-    def __call__(self, batches: list[dict], stop: bool) -> StepTotals:
+    def __call__(self, batches: list[Batch], stop: bool) -> StepTotals:
         self.model.train()
         totals = dict.fromkeys(STEP_TOTALS, 0.0)
         target_stats = pred_stats = torch.zeros(1 + 2 * self.dim, dtype=torch.float64)  # std_stats
@@ -102,7 +103,7 @@ class ForwardBackward:
             lost_samples=totals["lost_samples"], target_std=float(std_from_stats(target_stats)),
             pred_std=float(std_from_stats(pred_stats)), keys=keys)
 
-    def _stand_in_for_empty(self, batch: dict, real: list[dict]) -> None:
+    def _stand_in_for_empty(self, batch: Batch, real: list[Batch]) -> None:
         """A batch whose samples all came from skipped bad shards: this rank still runs a forward and
         backward, of a real batch (of this step, else the last one) weighted 0, because FSDP's
         collectives must match across ranks; it adds nothing to the loss or the gradients."""

@@ -25,6 +25,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from d2v_train import checkpoint
 from d2v_train.checkpointer import Checkpointer
 from d2v_train.config import TrainConfig
+from d2v_train.data.batches import Batch
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.transforms import ImageTransform
 from d2v_train.distributed import World, init_world, prepare_blocks, shard
@@ -178,7 +179,7 @@ class Trainer:
         self._export_encoder()
         return 0
 
-    def _next_batches(self) -> list[dict]:
+    def _next_batches(self) -> list[Batch]:
         """This rank's `grad_accum` batches of the next step. A step never straddles epochs: when
         fewer are left in the epoch (the same count on every rank), they are left out."""
         accum = self.cfg.train.grad_accum

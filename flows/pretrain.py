@@ -127,6 +127,12 @@ class PretrainRequest(BaseModel):
                 budget_options(EVAL_TASK[self.modality], budget)
             except ValueError as exc:
                 raise ValueError(f"eval_budgets: {exc}") from None
+        from d2v_train.eval.tasks import parse_task
+
+        try:  # the task's own config model: a wrong option or value fails now, not after pre-training
+            parse_task(EVAL_TASK[self.modality], ["--checkpoint", "random", *self.eval_task_options()], raising=True)
+        except ValueError as exc:
+            raise ValueError(f"eval_args: {exc}") from None
         return self
 
     def url(self, *parts: str) -> str:
@@ -166,6 +172,20 @@ class PretrainRequest(BaseModel):
         import os
 
         return self.eval_jobs or min(2, os.cpu_count() or 1)
+
+    def eval_task_options(self) -> list[str]:
+        """The options every run of the evaluation curve gets (`d2v eval TASK`'s, eval_args last)."""
+        data = self.eval_data if self.modality == "text" else self.url("dataset")
+        options = ["--data", data or ""]
+        if self.modality == "text":  # GLUE's splits; the tokenizer of the pre-training data for both encoders
+            options += ["--train-split", "train", "--eval-split", "dev", "--tokenizer", self.url("dataset", "tokenizer")]
+        else:
+            options += ["--train-split", self.finetune_split, "--eval-split", self.scored_split]
+        if self.eval_steps is not None:
+            options += ["--steps", str(self.eval_steps)]
+        if self.preset == "tiny":
+            options += TINY_EVAL_ARGS[self.modality]
+        return options + list(self.eval_args)
 
     def trainer_overrides(self) -> list[str]:
         data = TINY_TRAIN_DATA if self.preset == "tiny" else TRAIN_DATA
@@ -219,25 +239,17 @@ def image_geometry(req: PretrainRequest) -> dict:
 
 
 def make_source(req: PretrainRequest):
+    """The source of the modality's kind (pipelines.sources.registry), as `d2v data build` makes it."""
+    from pipelines.sources.registry import BY_MODALITY, make_source
+    from pipelines.sources.text import corpus_files
     from pipelines.storage import Location
 
-    if req.modality == "speech":
-        from pipelines.sources.librispeech import LibriSpeechSource
-
-        return LibriSpeechSource(Location(req.source), tuple(req.splits))
-    if req.modality == "vision":
-        from pipelines.sources.imagenet import ImageNetSource
-
-        return ImageNetSource(Location(req.source), tuple(req.splits), **image_geometry(req))
-    from pipelines.sources.text import TextSource
-
-    fs, root = Location(req.source).filesystem()
-    files = sorted(fs.glob(f"{root.rstrip('/')}/**/*.txt")) if fs.isdir(root) else [root]
-    if not files:
-        raise ValueError(f"source: no .txt files under {req.source}")
-    protocol = Location(req.source).protocol
-    urls = [f if protocol in ("file", "") else f"{protocol}://{f}" for f in files]
-    return TextSource.create(tuple(Location(u) for u in urls), vocab_size=req.vocab_size, seed=req.seed)
+    kind = BY_MODALITY[req.modality]
+    if req.modality == "text":  # a folder of .txt files (or one file); the BPE trained on the corpus
+        return make_source(kind.name, corpus_files(Location(req.source)), vocab_size=req.vocab_size, seed=req.seed)
+    options = {"subsets": tuple(req.splits)} if req.modality == "speech" else \
+        {"splits": tuple(req.splits), **image_geometry(req)}
+    return make_source(kind.name, [Location(req.source)], **options)
 
 
 def build_options(req: PretrainRequest):
@@ -368,21 +380,11 @@ def read_metrics(url: str) -> list[dict]:
 # -- evaluate and report ----------------------------------------------------------------------
 def eval_command(req: PretrainRequest) -> list[str]:
     """`d2v eval curve`: the pre-trained and a random encoder at every budget and seed."""
-    data = req.eval_data if req.modality == "text" else req.url("dataset")
-    cmd = [python(), "-m", "flows.cli", "eval", "curve", EVAL_TASK[req.modality],
-           "--checkpoint", req.url("run", "checkpoints"), "--checkpoint", "random", "--model", req.model,
-           "--budgets", ",".join(req.budgets), "--seeds", str(req.eval_seeds), "--jobs", str(req.jobs),
-           "--results", req.url("eval"), "--out", req.url("report"),
-           "--title", f"{req.variant} {req.modality} {req.preset}: {req.source}", "--data", data]
-    if req.modality == "text":  # GLUE's splits; the tokenizer of the pre-training data for both encoders
-        cmd += ["--train-split", "train", "--eval-split", "dev", "--tokenizer", req.url("dataset", "tokenizer")]
-    else:
-        cmd += ["--train-split", req.finetune_split, "--eval-split", req.scored_split]
-    if req.eval_steps is not None:
-        cmd += ["--steps", str(req.eval_steps)]
-    if req.preset == "tiny":
-        cmd += TINY_EVAL_ARGS[req.modality]
-    return cmd + list(req.eval_args)
+    return [python(), "-m", "flows.cli", "eval", "curve", EVAL_TASK[req.modality],
+            "--checkpoint", req.url("run", "checkpoints"), "--checkpoint", "random", "--model", req.model,
+            "--budgets", ",".join(req.budgets), "--seeds", str(req.eval_seeds), "--jobs", str(req.jobs),
+            "--results", req.url("eval"), "--out", req.url("report"),
+            "--title", f"{req.variant} {req.modality} {req.preset}: {req.source}", *req.eval_task_options()]
 
 
 @task(name="evaluate")

@@ -38,7 +38,7 @@ from pipelines.sources.base import Encoded, Reject, Source
 from pipelines.storage import Location, check_writable, exists, is_local, join, size_or_none, write_atomic
 from schemas import SCHEMA_VERSION, Dataset, MaskConfig, ShardInfo, SplitSummary, index_schema, rejects_schema
 from schemas.arrow import JSON_SUFFIX, MASK_SUFFIX
-from schemas.dataset import DATASET_JSON
+from schemas.dataset import AMOUNT_FIELD, DATASET_JSON
 
 log = logging.getLogger(__name__)
 
@@ -324,21 +324,21 @@ def _reason_counts(rejects: list[dict]) -> dict[str, int]:
 
 
 def _shard_info(r: ShardResult, modality: str) -> ShardInfo:
-    return ShardInfo(
-        split=r.split, name=r.tar_path, index=r.index_path, samples=r.samples, bytes=r.bytes, sha256=r.sha256,
-        seconds=r.seconds if modality == "speech" else None, tokens=r.tokens if modality == "text" else None,
-    )
+    amount = AMOUNT_FIELD.get(modality)
+    return ShardInfo(split=r.split, name=r.tar_path, index=r.index_path, samples=r.samples, bytes=r.bytes,
+                     sha256=r.sha256, **({amount: getattr(r, amount)} if amount else {}))
 
 
 def _split_summaries(results: list[ShardResult], modality: str) -> dict[str, SplitSummary]:
     splits: dict[str, SplitSummary] = {}
     for split in sorted({r.split for r in results}):
         mine = [r for r in results if r.split == split]
-        splits[split] = SplitSummary(
-            samples=sum(r.samples for r in mine), shards=len(mine), bytes=sum(r.bytes for r in mine),
-            seconds=round(sum(r.seconds for r in mine), 3) if modality == "speech" else None,
-            tokens=sum(r.tokens for r in mine) if modality == "text" else None,
-        )
+        amount = AMOUNT_FIELD.get(modality)
+        total = {} if amount is None else {amount: sum(getattr(r, amount) for r in mine)}
+        if amount == "seconds":
+            total[amount] = round(total[amount], 3)
+        splits[split] = SplitSummary(samples=sum(r.samples for r in mine), shards=len(mine),
+                                     bytes=sum(r.bytes for r in mine), **total)
     return splits
 
 

@@ -99,37 +99,32 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.data_command)
 
 
+def _names(text: str) -> tuple[str, ...]:
+    """A comma-separated list of names (subsets, splits)."""
+    return tuple(s.strip() for s in text.split(",") if s.strip())
+
+
 def _build(args: argparse.Namespace) -> int:
     from pipelines.build import BuildOptions, build_dataset
+    from pipelines.sources.registry import make_source
 
     options = json.loads(args.storage_options) if args.storage_options else {}
     build_options = BuildOptions(ShardSize.parse(args.shard_size), args.mask_variants, args.seed,
                                  overwrite=args.overwrite)
     if args.source == "librispeech":
-        from pipelines.sources.librispeech import LibriSpeechSource
-
-        subsets = tuple(s.strip() for s in args.subsets.split(",") if s.strip())
-        if not subsets:
-            raise ValueError("--subsets: name at least one subset, e.g. train-clean-100")
-        source = LibriSpeechSource(Location(args.src, options), subsets, args.mask_prob, args.mask_length)
-        out = args.out
+        inputs, out = [args.src], args.out
+        settings = {"subsets": _names(args.subsets), "mask_prob": args.mask_prob, "mask_length": args.mask_length}
     elif args.source == "imagenet":
-        from pipelines.sources.imagenet import ImageNetSource
-
-        splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
-        source = ImageNetSource(Location(args.src, options), splits, resize_shorter=args.resize_shorter,
-                                mask_kind=args.mask_kind, image_size=args.image_size, patch_size=args.patch_size)
-        out = args.out
+        inputs, out = [args.src], args.out
+        settings = {"splits": _names(args.splits), "resize_shorter": args.resize_shorter, "mask_kind": args.mask_kind,
+                    "image_size": args.image_size, "patch_size": args.patch_size}
     else:
-        from pipelines.sources.text import TextSource
-
         if len(args.paths) < 2:
             raise ValueError("d2v data build text: give at least one input FILE and then OUT")
-        *files, out = args.paths
-        source = TextSource.create(
-            tuple(Location(f, options) for f in files), vocab_size=args.vocab_size, tokenizer_dir=args.tokenizer,
-            block_size=args.block_size, valid_fraction=args.valid_fraction, mask_prob=args.mask_prob,
-            mask_span=args.mask_span, seed=args.seed,
-        )
+        *inputs, out = args.paths
+        settings = {"vocab_size": args.vocab_size, "tokenizer_dir": args.tokenizer, "block_size": args.block_size,
+                    "valid_fraction": args.valid_fraction, "mask_prob": args.mask_prob, "mask_span": args.mask_span,
+                    "seed": args.seed}
+    source = make_source(args.source, [Location(i, options) for i in inputs], **settings)
     build_dataset(source, Location(out, options), build_options, workers=args.workers, scheduler=args.scheduler)
     return 0

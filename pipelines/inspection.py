@@ -11,7 +11,7 @@ from pipelines.shards import META_SHA256, read_parquet, sha256_hex
 from pipelines.storage import Location, StorageError, exists, join
 from schemas import Dataset
 from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX, payload_crc32
-from schemas.dataset import DATASET_JSON
+from schemas.dataset import AMOUNT_FIELD, DATASET_JSON
 
 
 def read_dataset(location: Location) -> tuple[Dataset, object, str]:
@@ -36,10 +36,9 @@ def summary(dataset: Dataset, url: str) -> dict:
     splits = {}
     for name, split in dataset.splits.items():
         entry = {"samples": split.samples, "shards": split.shards, "bytes": split.bytes}
-        if dataset.modality == "speech":
-            entry["seconds"] = split.seconds
-        if dataset.modality == "text":
-            entry["tokens"] = split.tokens
+        amount = AMOUNT_FIELD.get(dataset.modality)
+        if amount:
+            entry[amount] = getattr(split, amount)
         splits[name] = entry
     return {
         "url": url,

@@ -100,6 +100,11 @@ class ShardInfo(_Strict):
     tokens: int | None = None  # text: tokens in the shard
 
 
+# What a shard's and a split's amount of data is measured in beside samples, by modality: the
+# ShardInfo / SplitSummary field (speech: audio seconds, text: tokens; images: samples alone).
+AMOUNT_FIELD = {"speech": "seconds", "text": "tokens"}
+
+
 class SplitSummary(_Strict):
     samples: int
     shards: int

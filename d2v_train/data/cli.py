@@ -35,22 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from d2v_train.data.loader import StreamingLoader
-    from d2v_train.data.plan import BatchPolicy
 
     location = Location(args.url)
     from pipelines.inspection import read_dataset
 
     dataset, _, _ = read_dataset(location)
-    if dataset.modality == "speech":
-        if args.batch_size is not None and not args.eval:
-            raise ValueError("--batch-size: speech training batches are planned by --max-tokens")
-        policy = BatchPolicy(max_tokens=args.max_tokens or 1_400_000, shuffle=not args.eval, crop=not args.eval,
-                             tail=args.tail) if args.batch_size is None else \
-            BatchPolicy(batch_size=args.batch_size, shuffle=False, crop=False, tail=args.tail)
-    else:
-        if args.max_tokens is not None:
-            raise ValueError("--max-tokens applies to speech; use --batch-size")
-        policy = BatchPolicy(batch_size=args.batch_size or 32, shuffle=not args.eval, tail=args.tail)
+    from d2v_train.data.modalities import MODALITIES
+
+    policy = MODALITIES[dataset.modality].stream_policy(max_tokens=args.max_tokens, batch_size=args.batch_size,
+                                                        train=not args.eval, tail=args.tail)
     loader = StreamingLoader(location, args.split, policy, rank=args.rank, world_size=args.world_size, seed=args.seed,
                              train=not args.eval, workers=args.workers, io_threads=args.io_threads,
                              cache_dir=args.cache_dir, skip_bad_shards=args.skip_bad_shards)

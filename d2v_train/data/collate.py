@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from d2v_train.data.batches import ImageBatch, SpeechBatch, TextBatch
 from pipelines.masking import bert_replacements
 
 __all__ = ["collate_speech", "collate_images", "collate_text"]
@@ -30,7 +31,7 @@ def _pad_rows(rows: list[np.ndarray], fill, dtype) -> tuple[np.ndarray, np.ndarr
     return out, np.arange(out.shape[1]) >= lengths[:, None]
 
 
-def collate_speech(items: list[tuple[np.ndarray, np.ndarray]], keys: list[str], *, pad: bool = False) -> dict:
+def collate_speech(items: list[tuple[np.ndarray, np.ndarray]], keys: list[str], *, pad: bool = False) -> SpeechBatch:
     """{"source" float32 (B, L), "padding_mask" bool (B, L), "mask" bool (B, T) True = masked,
     "frame_padding_mask" bool (B, T), "keys"}.
 
@@ -53,7 +54,7 @@ def collate_speech(items: list[tuple[np.ndarray, np.ndarray]], keys: list[str], 
             "keys": list(keys)}
 
 
-def collate_images(items: list[tuple[np.ndarray, np.ndarray]], keys: list[str], labels) -> dict:
+def collate_images(items: list[tuple[np.ndarray, np.ndarray]], keys: list[str], labels) -> ImageBatch:
     """{"image" float32 (B, 3, H, W), "mask" bool (B, P), "label" int64 (B,), "keys"}."""
     _check_keys(items, keys)
     if len(labels) != len(items):
@@ -68,7 +69,7 @@ def collate_images(items: list[tuple[np.ndarray, np.ndarray]], keys: list[str], 
 
 def collate_text(items: list[tuple[np.ndarray, np.ndarray]], keys: list[str], *, pad_id: int, mask_id: int,
                  vocab_size: int, special_ids=(), rng: np.random.Generator, random_prob: float = 0.1,
-                 leave_prob: float = 0.1) -> dict:
+                 leave_prob: float = 0.1) -> TextBatch:
     """{"tokens" int64 (B, T) the student's input after BERT 80/10/10 replacement,
     "target_tokens" the original ids, "mask" positions selected, "target_mask" positions that
     became <mask> (the ones data2vec regresses), "padding_mask", "keys"}; padded with ``pad_id``.

@@ -111,12 +111,17 @@ def decode_speech(flac: bytes, mask_npy: bytes, *, variant: int, crop_length: in
         raise ValueError(f"crop of {crop_length} samples is too short for one frame")
     crop = wave[crop_offset:crop_offset + crop_length]
     if normalize:
-        mean, var = _moments(wave)
-        scale = 1.0 / math.sqrt(var + eps)
+        mean, scale = waveform_scale(wave, eps)
         crop *= scale  # (x - mean) * scale as two passes over the crop only
         crop -= mean * scale
     start = crop_offset // hop
     return crop, mask[start:start + frames]
+
+
+def waveform_scale(wave: np.ndarray, eps: float = 1e-5) -> tuple[float, float]:
+    """(mean, 1 / std) of a float32 waveform: x -> (x - mean) * scale is fairseq's normalisation."""
+    mean, var = _moments(wave)
+    return mean, 1.0 / math.sqrt(var + eps)
 
 
 _ones = np.ones(0, dtype=np.float32)

@@ -11,12 +11,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torchdata.nodes as tn
 
+from d2v_train.data.batches import Batch
 from d2v_train.data.index import SplitIndex
 from d2v_train.data.modalities import MODALITIES
 from d2v_train.data.plan import BatchPolicy, GlobalBatch, plan_epoch, rank_batch_numbers
@@ -139,7 +141,7 @@ class StreamingLoader:
         self.seek(self.epoch + 1, 0)
 
     # -- iteration ----------------------------------------------------------------------------
-    def __iter__(self):
+    def __iter__(self) -> Iterator[Batch]:
         batches = self.plan(self.epoch)
         served = rank_batch_numbers(len(batches), self._start, self.rank, self.world_size, self.policy.tail)
         todo = [(batches[number], padding, self.epoch) for number, padding in served[self._served:]]
@@ -187,7 +189,7 @@ class StreamingLoader:
         keep[:] = good
         return items
 
-    def _empty(self, skipped: int, epoch: int, plan, padding: bool) -> dict | None:
+    def _empty(self, skipped: int, epoch: int, plan, padding: bool) -> Batch | None:
         if not self.keep_empty_batches:
             return None
         return {"keys": [], "skipped": skipped, "epoch": epoch, "batch": plan.number, "padding": padding}
@@ -196,7 +198,7 @@ class StreamingLoader:
         real = int((~batch["padding_mask"]).sum()) if "padding_mask" in batch else 0  # samples or tokens
         self.throughput.add(len(batch["keys"]), **self.modality.delivered(real, self))
 
-    def _load(self, item: tuple[GlobalBatch, bool, int]) -> dict:
+    def _load(self, item: tuple[GlobalBatch, bool, int]) -> Batch:
         plan, padding, epoch = item
         columns = self.index.columns
         fields = [columns["shard"][plan.samples].tolist(), columns["key"][plan.samples].tolist()] + [

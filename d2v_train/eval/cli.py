@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from d2v_train.eval.tasks import HELP, TASK_ARGUMENTS, TASKS, add_common_arguments, evaluate_once
+from d2v_train.eval.config import add_options, from_namespace
+from d2v_train.eval.tasks import HELP, TASKS, evaluate_once
 
 
 def add_parser(subparsers) -> None:
@@ -12,8 +13,7 @@ def add_parser(subparsers) -> None:
     tasks = evaluate.add_subparsers(dest="eval_task", required=True)
     for task in TASKS:
         parser = tasks.add_parser(task, help=HELP[task], description=HELP[task])
-        add_common_arguments(parser)
-        TASK_ARGUMENTS[task](parser)
+        add_options(parser, task)
     curve = tasks.add_parser(
         "curve", allow_abbrev=False, help="label-efficiency curve: a task at several labelled-data budgets per checkpoint",
         description="Runs TASK for every checkpoint at every budget (and fine-tuning seed), keeps every result under "
@@ -81,13 +81,14 @@ def run(args, extra: list[str] | None = None) -> int:
         return 0
     from d2v_train.eval import runtime
 
+    cfg = from_namespace(args.eval_task, args)  # a value that cannot work fails here, naming its option
     if args.out:
         from pipelines.storage import check_output
 
         check_output(args.out, "--out")
     world = runtime.start()
     try:
-        runtime.emit(evaluate_once(args, world), args.out, world, as_json=args.json)
+        runtime.emit(evaluate_once(cfg, world), args.out, world, as_json=args.json)
     finally:
         runtime.stop()
     return 0

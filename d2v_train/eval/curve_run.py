@@ -88,11 +88,10 @@ def _slug(text: str) -> str:
 def run_curve(args, extra: list[str]) -> str:
     """All runs, then the report; returns where report.md is."""
     runs = plan_runs(args, extra)
-    from d2v_train.eval.tasks import task_parser
+    from d2v_train.eval.tasks import parse_task
 
-    parser = task_parser(args.curve_task)
     for run in runs:  # every command line is checked before the first run
-        parser.parse_args(list(run.argv))
+        parse_task(args.curve_task, list(run.argv))
     world = runtime.start()
     try:
         if args.jobs > 1 and world.size > 1:
@@ -129,13 +128,11 @@ def distinct_labels(runs: list[Run], results: list[EvalResult]) -> list[tuple[Ru
 
 def _run_all(task: str, runs: list[Run], jobs: int, world) -> list[EvalResult]:
     if jobs <= 1:
-        from d2v_train.eval.tasks import evaluate_once, task_parser
+        from d2v_train.eval.tasks import evaluate_once, parse_task
 
         results = []
         for run in runs:
-            args = task_parser(task).parse_args(list(run.argv))
-            args.eval_task = task
-            result = evaluate_once(args, world)
+            result = evaluate_once(parse_task(task, list(run.argv)), world)
             if world.main:
                 runtime.publish(result, run.out)
                 runtime.log(world, one_line(result))
@@ -171,12 +168,10 @@ def _worker_run(task: str, argv: tuple[str, ...]) -> str:
     import torch
 
     from d2v_train.distributed import World
-    from d2v_train.eval.tasks import evaluate_once, task_parser
+    from d2v_train.eval.tasks import evaluate_once, parse_task
 
-    args = task_parser(task).parse_args(list(argv))
-    args.eval_task = task
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    return evaluate_once(args, World(0, 1, device)).model_dump_json()
+    return evaluate_once(parse_task(task, list(argv)), World(0, 1, device)).model_dump_json()
 
 
 def write_curve_report(results: list[EvalResult], out: str, *, metric_name: str | None, title: str) -> str:

@@ -27,9 +27,9 @@ from torch import nn
 from d2v_train.config import OptimConfig
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.plan import BatchPolicy
-from d2v_train.data.transforms import ImageTransform
 from d2v_train.distributed import World
 from d2v_train.eval import finetune, labelled, runtime
+from d2v_train.eval.config import ImageEvalConfig
 from d2v_train.eval.metrics import topk_correct
 from d2v_train.models.encoder import Encoder
 from pipelines.inspection import read_dataset
@@ -43,75 +43,66 @@ HEAD_INIT_SCALE = 1e-3  # BEiT: a near-zero head leaves the pre-trained features
 KS = (1, 5)
 
 
-def evaluate(args, world: World, backbone) -> EvalResult:
+def evaluate(cfg: ImageEvalConfig, world: World, backbone) -> EvalResult:
     if backbone.modality != "vision":
-        raise ValueError(f"{args.eval_task} needs a vision encoder; the checkpoint's model is {backbone.modality}")
-    image_size = _image_size(args, backbone.model.frontend)
-    classes = _check_dataset(args)
-    if args.eval_task == "image-probe":
-        return _probe(args, world, backbone, image_size, classes)
-    if args.eval_task == "image-finetune":
-        return _finetune(args, world, backbone, image_size, classes)
-    raise ValueError(f"unknown image task {args.eval_task!r}")
+        raise ValueError(f"{cfg.task} needs a vision encoder; the checkpoint's model is {backbone.modality}")
+    image_size = _image_size(cfg, backbone.model.frontend)
+    classes = _check_dataset(cfg)
+    if cfg.task == "image-probe":
+        return _probe(cfg, world, backbone, image_size, classes)
+    if cfg.task == "image-finetune":
+        return _finetune(cfg, world, backbone, image_size, classes)
+    raise ValueError(f"unknown image task {cfg.task!r}")
 
 
-def _options(args, defaults: dict) -> tuple:
+def _options(cfg: ImageEvalConfig, defaults: dict) -> tuple:
     """(steps, lr, batch_size, weight_decay): the user's, or the task's defaults where left out."""
-    return tuple(defaults[name] if getattr(args, name) is None else getattr(args, name) for name in defaults)
+    return tuple(defaults[name] if getattr(cfg, name) is None else getattr(cfg, name) for name in defaults)
 
 
-def _image_size(args, frontend) -> int:
-    size = args.image_size or frontend.image_size
+def _image_size(cfg: ImageEvalConfig, frontend) -> int:
+    size = cfg.image_size or frontend.image_size
     if size != frontend.image_size:
         raise ValueError(f"--image-size {size}: the model takes {frontend.image_size} px images "
                          f"({frontend.patch_size} px patches); leave the option out to use it")
     return size
 
 
-def _check_dataset(args) -> int:
+def _check_dataset(cfg) -> int:
     """The number of classes, after checking the dataset is a labelled vision one with both splits."""
-    dataset, _, _ = read_dataset(Location(args.data))
+    dataset, _, _ = read_dataset(Location(cfg.data))
     if dataset.modality != "vision":
-        raise ValueError(f"--data {args.data} holds a {dataset.modality} dataset; image tasks need a vision one")
-    for option, split in (("--train-split", args.train_split), ("--eval-split", args.eval_split)):
+        raise ValueError(f"--data {cfg.data} holds a {dataset.modality} dataset; image tasks need a vision one")
+    for option, split in (("--train-split", cfg.train_split), ("--eval-split", cfg.eval_split)):
         if split not in dataset.splits:
             raise ValueError(f"{option} {split!r}: the dataset has splits {', '.join(sorted(dataset.splits))}")
     if not dataset.classes:
-        raise ValueError(f"--data {args.data} names no classes: image tasks need labelled images")
+        raise ValueError(f"--data {cfg.data} names no classes: image tasks need labelled images")
     return len(dataset.classes)
 
 
-def _loader(args, world: World, split: str, batch_size: int, image_size: int, *, train: bool) -> StreamingLoader:
+def _loader(cfg: ImageEvalConfig, world: World, split: str, batch_size: int, image_size: int, *, train: bool) -> StreamingLoader:
     """Training: random crops, shuffled, the tail dropped. Evaluation: centre crops in dataset order,
     the tail padded (padding batches are skipped) so every image is scored exactly once."""
     policy = BatchPolicy(batch_size=batch_size, shuffle=train, tail="drop" if train else "pad")
-    loader = StreamingLoader(Location(args.data), split, policy, rank=world.rank, world_size=world.size,
-                             seed=args.seed, train=train, workers=args.workers, image_size=image_size,
-                             image_transform=image_transform(args))
+    loader = StreamingLoader(Location(cfg.data), split, policy, rank=world.rank, world_size=world.size,
+                             seed=cfg.seed, train=train, workers=cfg.workers, image_size=image_size,
+                             image_transform=cfg.image_transform())
     labels = loader.index.columns["label"]
     if len(labels) == 0 or (labels < 0).any():
         loader.close()
         problem = "is empty" if len(labels) == 0 else "has unlabelled images"
-        raise ValueError(f"split {split!r} of {args.data} {problem}")
+        raise ValueError(f"split {split!r} of {cfg.data} {problem}")
     return loader
 
 
-def image_transform(args) -> ImageTransform:
-    """--crop-scale, --hflip (fine-tuning) and --crop-pct (scoring); a bad value names its option."""
-    try:
-        return ImageTransform(crop_scale=tuple(args.crop_scale), hflip=args.hflip, crop_pct=args.crop_pct)
-    except ValueError as e:
-        option = next(o for o in ("crop_scale", "hflip", "crop_pct") if str(e).startswith(o))
-        raise ValueError(f"--{option.replace('_', '-')} {str(e)[len(option) + 1:]}") from None
-
-
-def labelled_subset(args, loader: StreamingLoader) -> labelled.Subset:
+def labelled_subset(cfg: ImageEvalConfig, loader: StreamingLoader) -> labelled.Subset:
     """The train split's class-balanced budget (--labels-per-class / --label-fraction), applied to
     the loader; neither given: the whole split (fraction 1)."""
-    per_class, fraction = getattr(args, "labels_per_class", None), getattr(args, "label_fraction", None)
+    per_class, fraction = cfg.labels_per_class, cfg.label_fraction
     if per_class is None and fraction is None:
         fraction = 1.0
-    subset = labelled.class_balanced(loader.index.columns["label"], args.subset_seed, per_class=per_class,
+    subset = labelled.class_balanced(loader.index.columns["label"], cfg.subset_seed, per_class=per_class,
                                      fraction=fraction)
     loader.restrict(subset.rows)
     return subset
@@ -134,16 +125,16 @@ def _fractions(hits: dict[int, int], total: int) -> dict[str, float]:
     return {f"top{k}": hits[k] / total if total else 0.0 for k in KS}
 
 
-def _data_ref(args, train_loader: StreamingLoader, scored: int, subset: labelled.Subset | None) -> DataRef:
-    return DataRef(url=Location(args.data).public_url(), train_split=args.train_split, eval_split=args.eval_split,
+def _data_ref(cfg: ImageEvalConfig, train_loader: StreamingLoader, scored: int, subset: labelled.Subset | None) -> DataRef:
+    return DataRef(url=Location(cfg.data).public_url(), train_split=cfg.train_split, eval_split=cfg.eval_split,
                    train_samples=len(train_loader.index), eval_samples=scored,
                    labelled=None if subset is None else LabelledSubset(
-                       budget=subset.budget, samples=subset.samples, classes=subset.groups, seed=args.subset_seed,
+                       budget=subset.budget, samples=subset.samples, classes=subset.groups, seed=cfg.subset_seed,
                        keys_sha256=labelled.fingerprint(train_loader.index.columns["key"])))
 
 
-def _label(args, backbone) -> str:
-    return args.label if args.label is not None else backbone.label
+def _label(cfg: ImageEvalConfig, backbone) -> str:
+    return cfg.label if cfg.label is not None else backbone.label
 
 
 # -- the linear probe -------------------------------------------------------------------------
@@ -183,15 +174,15 @@ def _probe_batches(x_ND: torch.Tensor, y_N: torch.Tensor, size: int, seed: int) 
             yield {"x": x_ND[idx], "label": y_N[idx]}
 
 
-def _probe(args, world: World, backbone, image_size: int, classes: int) -> EvalResult:
-    steps, lr, batch_size, weight_decay = _options(args, PROBE_DEFAULTS)
+def _probe(cfg: ImageEvalConfig, world: World, backbone, image_size: int, classes: int) -> EvalResult:
+    steps, lr, batch_size, weight_decay = _options(cfg, PROBE_DEFAULTS)
     encoder, dim = backbone.encoder.eval().requires_grad_(False), backbone.model.encoder.dim
     with ExitStack() as stack:
-        train_loader = stack.enter_context(closing(_loader(args, world, args.train_split, batch_size, image_size,
+        train_loader = stack.enter_context(closing(_loader(cfg, world, cfg.train_split, batch_size, image_size,
                                                            train=False)))
-        eval_loader = stack.enter_context(closing(_loader(args, world, args.eval_split, batch_size, image_size,
+        eval_loader = stack.enter_context(closing(_loader(cfg, world, cfg.eval_split, batch_size, image_size,
                                                           train=False)))
-        subset = labelled_subset(args, train_loader)
+        subset = labelled_subset(cfg, train_loader)
         runtime.log(world, f"image-probe: encoding {len(train_loader.index)} + {len(eval_loader.index)} images")
         _, train_y, train_x = extract_features(encoder, train_loader, world, dim)
         _, eval_y, eval_x = extract_features(encoder, eval_loader, world, dim)
@@ -203,21 +194,21 @@ def _probe(args, world: World, backbone, image_size: int, classes: int) -> EvalR
     probe = nn.Linear(x_ND.shape[1], classes).to(device)
     nn.init.zeros_(probe.weight)  # a convex problem: the zero start is as good as any, and deterministic
     nn.init.zeros_(probe.bias)
-    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
-                      warmup=0.0, final_lr_scale=0.0)
-    curve = finetune.fit(probe, _probe_batches(x_ND, y_N, PROBE_BATCH, args.seed),
+    optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
+                        warmup=0.0, final_lr_scale=0.0)
+    curve = finetune.fit(probe, _probe_batches(x_ND, y_N, PROBE_BATCH, cfg.seed),
                          lambda batch, step: F.cross_entropy(probe(batch["x"]), batch["label"]),
-                         steps=steps, cfg=cfg, world=world, log_every=args.log_every, what="image-probe")
+                         steps=steps, cfg=optim, world=world, log_every=cfg.log_every, what="image-probe")
     with torch.no_grad():
         logits_MC = probe(torch.from_numpy((eval_x - mean_D) / std_D).to(device)).cpu().numpy()
     hits = topk_correct(logits_MC, eval_y, KS)
     return EvalResult(
-        task=args.eval_task, label=_label(args, backbone), metrics=_fractions(hits, len(eval_y)),
+        task=cfg.task, label=_label(cfg, backbone), metrics=_fractions(hits, len(eval_y)),
         baseline=majority_baseline(train_y, eval_y, classes), checkpoint=backbone.ref,
-        data=_data_ref(args, train_loader, len(eval_y), subset), steps=steps, world_size=world.size, seed=args.seed,
+        data=_data_ref(cfg, train_loader, len(eval_y), subset), steps=steps, world_size=world.size, seed=cfg.seed,
         hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size, "schedule": "cosine",
                          "probe_batch": min(PROBE_BATCH, len(train_y)), "image_size": image_size,
-                         "crop_pct": args.crop_pct, "features": "mean of final patch tokens, standardised", "classes": classes},
+                         "crop_pct": cfg.crop_pct, "features": "mean of final patch tokens, standardised", "classes": classes},
         curve=curve,
     )
 
@@ -287,23 +278,21 @@ def score(model: nn.Module, loader: StreamingLoader, world: World) -> tuple[dict
     return {k: int(v) for k, v in zip(KS, summed)}, int(summed[-1])
 
 
-def _finetune(args, world: World, backbone, image_size: int, classes: int) -> EvalResult:
-    steps, lr, batch_size, weight_decay = _options(args, FINETUNE_DEFAULTS)
-    if not 0 <= args.label_smoothing < 1:
-        raise ValueError(f"--label-smoothing {args.label_smoothing}: expected a value in [0, 1)")
+def _finetune(cfg: ImageEvalConfig, world: World, backbone, image_size: int, classes: int) -> EvalResult:
+    steps, lr, batch_size, weight_decay = _options(cfg, FINETUNE_DEFAULTS)
     enc = backbone.model.encoder
-    torch.manual_seed(args.seed)  # every rank builds the same head
+    torch.manual_seed(cfg.seed)  # every rank builds the same head
     model = ImageClassifier(backbone.encoder.requires_grad_(True), enc.dim, classes, enc.layer_norm_eps)
     model.to(world.device)
-    groups = layer_decay_groups(model.named_parameters(), enc.layers, args.layer_decay, weight_decay)
-    cfg = OptimConfig(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
-                      warmup=0.1, final_lr_scale=0.01)
+    groups = layer_decay_groups(model.named_parameters(), enc.layers, cfg.layer_decay, weight_decay)
+    optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
+                        warmup=0.1, final_lr_scale=0.01)
     with ExitStack() as stack:
-        train_loader = stack.enter_context(closing(_loader(args, world, args.train_split, batch_size, image_size,
+        train_loader = stack.enter_context(closing(_loader(cfg, world, cfg.train_split, batch_size, image_size,
                                                            train=True)))
-        eval_loader = stack.enter_context(closing(_loader(args, world, args.eval_split, batch_size, image_size,
+        eval_loader = stack.enter_context(closing(_loader(cfg, world, cfg.eval_split, batch_size, image_size,
                                                           train=False)))
-        subset = labelled_subset(args, train_loader)
+        subset = labelled_subset(cfg, train_loader)
         if subset.samples < batch_size * world.size:  # a few labels: full batches
             batch_size = max(1, subset.samples // world.size)
             train_loader.policy = BatchPolicy(batch_size=batch_size, shuffle=True, tail="drop")
@@ -311,21 +300,21 @@ def _finetune(args, world: World, backbone, image_size: int, classes: int) -> Ev
         batches = stack.enter_context(closing(finetune.forever(train_loader)))  # closing stops its threads
         def loss(batch: dict, step: int) -> torch.Tensor:
             logits_BC = model(batch["image"].to(world.device))
-            return F.cross_entropy(logits_BC, batch["label"].to(world.device), label_smoothing=args.label_smoothing)
+            return F.cross_entropy(logits_BC, batch["label"].to(world.device), label_smoothing=cfg.label_smoothing)
 
-        curve = finetune.fit(model, batches, loss, steps=steps, cfg=cfg, world=world, log_every=args.log_every,
+        curve = finetune.fit(model, batches, loss, steps=steps, cfg=optim, world=world, log_every=cfg.log_every,
                              what="image-finetune", groups=groups)
         hits, scored = score(model, eval_loader, world)
     train_labels = train_loader.index.columns["label"]
     return EvalResult(
-        task=args.eval_task, label=_label(args, backbone), metrics=_fractions(hits, scored),
+        task=cfg.task, label=_label(cfg, backbone), metrics=_fractions(hits, scored),
         baseline=majority_baseline(train_labels, eval_loader.index.columns["label"], classes),
-        checkpoint=backbone.ref, data=_data_ref(args, train_loader, scored, subset), steps=steps, world_size=world.size,
-        seed=args.seed,
+        checkpoint=backbone.ref, data=_data_ref(cfg, train_loader, scored, subset), steps=steps, world_size=world.size,
+        seed=cfg.seed,
         hyperparameters={"lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-                         "global_batch": batch_size * world.size, "layer_decay": args.layer_decay,
-                         "label_smoothing": args.label_smoothing, "schedule": "cosine", "warmup": cfg.warmup,
-                         "betas": list(cfg.betas), "image_size": image_size, "classes": classes,
-                         "crop_scale": list(args.crop_scale), "hflip": args.hflip, "crop_pct": args.crop_pct},
+                         "global_batch": batch_size * world.size, "layer_decay": cfg.layer_decay,
+                         "label_smoothing": cfg.label_smoothing, "schedule": "cosine", "warmup": optim.warmup,
+                         "betas": list(optim.betas), "image_size": image_size, "classes": classes,
+                         "crop_scale": list(cfg.crop_scale), "hflip": cfg.hflip, "crop_pct": cfg.crop_pct},
         curve=curve,
     )

@@ -22,6 +22,7 @@ from d2v_train.data.plan import BatchPolicy
 from d2v_train.distributed import World
 from d2v_train.eval import ctc, finetune, labelled, runtime
 from d2v_train.eval.backbone import Backbone
+from d2v_train.eval.config import SpeechCTCConfig
 from d2v_train.eval.metrics import ErrorCounts, error_counts
 from d2v_train.models.speech import frame_padding_mask
 from pipelines.masking import compute_span_masks
@@ -48,15 +49,15 @@ def recipe_for(dim: int) -> tuple[str, dict]:
     return name, RECIPES[name]
 
 
-def fill_defaults(args, dim: int) -> str:
-    """Fill the options left out (None) from the encoder's recipe; returns the recipe's name."""
+def with_recipe(cfg: SpeechCTCConfig, dim: int) -> tuple[SpeechCTCConfig, str]:
+    """`cfg` with the options left out (None) taken from the encoder's recipe, and the recipe's name."""
     name, recipe = recipe_for(dim)
-    for option in ("steps", "lr", "max_tokens", "mask_prob", "mask_channel_prob"):
-        if getattr(args, option, None) is None:
-            setattr(args, option, recipe[option])
-    if args.freeze_transformer_steps is None:
-        args.freeze_transformer_steps = int(args.steps * recipe["freeze_share"])
-    return name
+    update = {option: recipe[option] for option in ("steps", "lr", "max_tokens", "mask_prob", "mask_channel_prob")
+              if getattr(cfg, option) is None}
+    steps = update.get("steps", cfg.steps)
+    if cfg.freeze_transformer_steps is None:
+        update["freeze_transformer_steps"] = int(steps * recipe["freeze_share"])
+    return cfg.model_copy(update=update), name
 
 
 class CTCModel(nn.Module):
@@ -141,47 +142,45 @@ def _transcribed(batches, stats: dict):
         yield batch
 
 
-def _check_splits(args) -> None:
+def _check_splits(cfg: SpeechCTCConfig) -> None:
     """Both splits exist, before any fine-tuning."""
     from pipelines.inspection import read_dataset
     from pipelines.storage import Location
 
-    dataset, _, _ = read_dataset(Location(args.data))
-    for option, split in (("--train-split", args.train_split), ("--eval-split", args.eval_split)):
+    dataset, _, _ = read_dataset(Location(cfg.data))
+    for option, split in (("--train-split", cfg.train_split), ("--eval-split", cfg.eval_split)):
         if split not in dataset.splits:
             raise ValueError(f"{option} {split!r}: the dataset has splits {', '.join(sorted(dataset.splits))}")
 
 
-def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
+def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResult:
     if backbone.modality != "speech":
         raise ValueError(f"speech-ctc needs a speech encoder; the checkpoint's is {backbone.modality}")
-    _check_splits(args)
-    recipe = fill_defaults(args, backbone.model.encoder.dim)
-    steps, freeze_steps = args.steps, args.freeze_transformer_steps
-    if not 0 < args.mask_prob < 1 and args.mask_prob != 0:
-        raise ValueError("--mask-prob must be in [0, 1)")
-    cfg = OptimConfig(lr=args.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, schedule="tri_stage",
+    _check_splits(cfg)
+    cfg, recipe = with_recipe(cfg, backbone.model.encoder.dim)
+    steps, freeze_steps = cfg.steps, cfg.freeze_transformer_steps
+    optim = OptimConfig(lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, schedule="tri_stage",
                       warmup=0.1, hold=0.4, final_lr_scale=0.05)
-    finetune.set_dropout(backbone.encoder, dropout=args.dropout, attention_dropout=args.dropout,
-                         activation_dropout=args.activation_dropout, layer_drop=args.layer_drop)
-    model = CTCModel(backbone, args.train_feature_encoder).to(world.device)
-    torch.manual_seed(args.seed)  # the classifier starts alike on every rank
+    finetune.set_dropout(backbone.encoder, dropout=cfg.dropout, attention_dropout=cfg.dropout,
+                         activation_dropout=cfg.activation_dropout, layer_drop=cfg.layer_drop)
+    model = CTCModel(backbone, cfg.train_feature_encoder).to(world.device)
+    torch.manual_seed(cfg.seed)  # the classifier starts alike on every rank
     model.classifier.reset_parameters()
 
-    train_loader = StreamingLoader(args.data, args.train_split,
-                                   BatchPolicy(max_tokens=args.max_tokens, shuffle=True, crop=False, tail="drop"),
-                                   rank=world.rank, world_size=world.size, seed=args.seed, train=True,
-                                   workers=args.workers)
+    train_loader = StreamingLoader(cfg.data, cfg.train_split,
+                                   BatchPolicy(max_tokens=cfg.max_tokens, shuffle=True, crop=False, tail="drop"),
+                                   rank=world.rank, world_size=world.size, seed=cfg.seed, train=True,
+                                   workers=cfg.workers)
     if train_loader.index.modality != "speech":
         train_loader.close()
-        raise ValueError(f"{args.data} holds {train_loader.index.modality} shards, not speech")
+        raise ValueError(f"{cfg.data} holds {train_loader.index.modality} shards, not speech")
     transcripts = train_loader.index.columns.get("transcript")
     train_samples = 0 if transcripts is None else int(sum(1 for t in transcripts if t))
     if steps and not train_samples:
         train_loader.close()
-        raise ValueError(f"split {args.train_split!r} of {args.data} has no transcribed utterances to fine-tune on")
+        raise ValueError(f"split {cfg.train_split!r} of {cfg.data} has no transcribed utterances to fine-tune on")
     try:
-        subset = labelled_subset(train_loader.index, args.labelled, args.subset_seed) if train_samples else None
+        subset = labelled_subset(train_loader.index, cfg.labelled, cfg.subset_seed) if train_samples else None
     except ValueError:
         train_loader.close()
         raise
@@ -191,14 +190,14 @@ def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
         runtime.log(world, f"speech-ctc: labelled budget {subset.budget}: {subset.samples} utterances, "
                            f"{subset.seconds / 60:.1f} min, {subset.groups} speakers")
     stats = {"dropped_characters": 0}
-    rng = np.random.default_rng([args.seed, world.rank, 17])
+    rng = np.random.default_rng([cfg.seed, world.rank, 17])
 
     def loss_fn(batch: dict, step: int) -> torch.Tensor:
         batch = {k: (v.to(world.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         frames_B = model.frames(batch)
-        time_mask = draw_time_masks(frames_B, args.mask_prob, args.mask_length, rng)
-        channel_mask = draw_channel_masks(len(frames_B), backbone.model.encoder.dim, args.mask_channel_prob,
-                                          args.mask_channel_length, rng)
+        time_mask = draw_time_masks(frames_B, cfg.mask_prob, cfg.mask_length, rng)
+        channel_mask = draw_channel_masks(len(frames_B), backbone.model.encoder.dim, cfg.mask_channel_prob,
+                                          cfg.mask_channel_length, rng)
         logits_BTV, padding_BT = model(
             batch, time_mask_BT=None if time_mask is None else torch.from_numpy(time_mask).to(world.device),
             channel_mask_BD=None if channel_mask is None else torch.from_numpy(channel_mask).to(world.device),
@@ -212,31 +211,31 @@ def evaluate(args, world: World, backbone: Backbone) -> EvalResult:
 
     try:
         curve = finetune.fit(model, _transcribed(finetune.forever(train_loader), stats), loss_fn, steps=steps,
-                             cfg=cfg, world=world, log_every=args.log_every, what="CTC fine-tune") if steps else []
+                             cfg=optim, world=world, log_every=cfg.log_every, what="CTC fine-tune") if steps else []
     finally:
         train_loader.close()
-    counts, baseline_counts, scored, skipped = score(model, args, world)
+    counts, baseline_counts, scored, skipped = score(model, cfg, world)
     dropped = int(runtime.sum_across([stats["dropped_characters"]], world)[0])
     return EvalResult(
-        task="speech-ctc", label=args.label or backbone.label,
+        task="speech-ctc", label=cfg.label or backbone.label,
         metrics={"wer": counts.wer, "cer": counts.cer},
         baseline={"wer": baseline_counts.wer, "cer": baseline_counts.cer},
         checkpoint=backbone.ref,
-        data=DataRef(url=args.data, train_split=args.train_split, eval_split=args.eval_split,
+        data=DataRef(url=cfg.data, train_split=cfg.train_split, eval_split=cfg.eval_split,
                      train_samples=train_samples, eval_samples=scored,
                      labelled=None if subset is None else LabelledSubset(
                          budget=subset.budget, samples=subset.samples, seconds=round(subset.seconds, 3),
-                         speakers=subset.groups, seed=args.subset_seed,
+                         speakers=subset.groups, seed=cfg.subset_seed,
                          keys_sha256=labelled.fingerprint(train_loader.index.columns["key"]))),
-        steps=steps, world_size=world.size, seed=args.seed, curve=curve,
-        hyperparameters={"recipe": recipe, "lr": cfg.lr, "schedule": "tri_stage 10/40/50", "max_tokens": args.max_tokens,
-                         "mask_prob": args.mask_prob, "mask_length": args.mask_length,
-                         "mask_channel_prob": args.mask_channel_prob,
-                         "mask_channel_length": min(args.mask_channel_length, backbone.model.encoder.dim // 4),
+        steps=steps, world_size=world.size, seed=cfg.seed, curve=curve,
+        hyperparameters={"recipe": recipe, "lr": optim.lr, "schedule": "tri_stage 10/40/50", "max_tokens": cfg.max_tokens,
+                         "mask_prob": cfg.mask_prob, "mask_length": cfg.mask_length,
+                         "mask_channel_prob": cfg.mask_channel_prob,
+                         "mask_channel_length": min(cfg.mask_channel_length, backbone.model.encoder.dim // 4),
                          "freeze_transformer_steps": freeze_steps,
-                         "train_feature_encoder": args.train_feature_encoder, "decoding": "greedy",
-                         "dropout": args.dropout, "activation_dropout": args.activation_dropout,
-                         "layer_drop": args.layer_drop,
+                         "train_feature_encoder": cfg.train_feature_encoder, "decoding": "greedy",
+                         "dropout": cfg.dropout, "activation_dropout": cfg.activation_dropout,
+                         "layer_drop": cfg.layer_drop,
                          "untranscribed_eval_utterances": skipped, "dropped_characters": dropped,
                          "word_edits": counts.word_edits, "words": counts.words,
                          "char_edits": counts.char_edits, "chars": counts.chars},
@@ -266,11 +265,11 @@ def eval_policy(max_tokens: int) -> BatchPolicy:
 
 
 @torch.no_grad()
-def score(model: CTCModel, args, world: World) -> tuple[ErrorCounts, ErrorCounts, int, int]:
+def score(model: CTCModel, cfg: SpeechCTCConfig, world: World) -> tuple[ErrorCounts, ErrorCounts, int, int]:
     """Greedy transcripts of every utterance of the eval split, scored across ranks: (model
     counts, all-blank counts, utterances scored, untranscribed utterances left out)."""
-    loader = StreamingLoader(args.data, args.eval_split, eval_policy(args.eval_max_tokens or args.max_tokens), rank=world.rank, world_size=world.size,
-                             seed=args.seed, train=False, workers=args.workers)
+    loader = StreamingLoader(cfg.data, cfg.eval_split, eval_policy(cfg.eval_max_tokens or cfg.max_tokens), rank=world.rank, world_size=world.size,
+                             seed=cfg.seed, train=False, workers=cfg.workers)
     model.eval()
     references, hypotheses, skipped = [], [], 0
     try:

@@ -23,6 +23,7 @@ from torch import nn
 from d2v_train.config import OptimConfig
 from d2v_train.distributed import World
 from d2v_train.eval import glue, labelled, runtime
+from d2v_train.eval.config import TextClsConfig
 from d2v_train.eval.finetune import fit
 from d2v_train.models.encoder import Encoder
 from pipelines.storage import Location
@@ -123,8 +124,8 @@ def train_batches(samples: int, batch_size: int, seed: int, world: World) -> Ite
                 yield order[start: start + batch_size]
 
 
-def _tokenizer(args, backbone):
-    url = args.tokenizer
+def _tokenizer(cfg: TextClsConfig, backbone):
+    url = cfg.tokenizer
     if url is None:
         if backbone.dataset_url is None:
             raise ValueError("text-cls needs the pre-training tokenizer: pass --tokenizer (a folder with "
@@ -161,29 +162,27 @@ def confusion_counts(model: SequenceClassifier, rows: list[list[int]], labels_N:
     return confusion_CC
 
 
-def evaluate(args, world: World, backbone) -> EvalResult:
+def evaluate(cfg: TextClsConfig, world: World, backbone) -> EvalResult:
     if backbone.modality != "text":
         raise ValueError(f"text-cls needs a text encoder; {backbone.ref.url} is {backbone.modality}")
-    steps = DEFAULT_STEPS if args.steps is None else args.steps
-    lr = args.lr if args.lr is not None else SMALL_LR if backbone.model.encoder.dim < SMALL_WIDTH else DEFAULT_LR
-    batch_size = DEFAULT_BATCH_SIZE if args.batch_size is None else args.batch_size
-    if batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
-    data = glue.load_glue(args.data, args.train_split, args.eval_split, args.glue_task)
-    subset = labelled.label_balanced(data.train_y, getattr(args, "train_limit", None), args.subset_seed)
+    steps = DEFAULT_STEPS if cfg.steps is None else cfg.steps
+    lr = cfg.lr if cfg.lr is not None else SMALL_LR if backbone.model.encoder.dim < SMALL_WIDTH else DEFAULT_LR
+    batch_size = DEFAULT_BATCH_SIZE if cfg.batch_size is None else cfg.batch_size
+    data = glue.load_glue(cfg.data, cfg.train_split, cfg.eval_split, cfg.glue_task)
+    subset = labelled.label_balanced(data.train_y, cfg.train_limit, cfg.subset_seed)
     if subset.budget != "all":  # the labelled-data budget, balanced over labels
         data.train = [data.train[i] for i in subset.rows]
         data.train_y = data.train_y[subset.rows]
-    tokenizer, tokenizer_url = _tokenizer(args, backbone)
+    tokenizer, tokenizer_url = _tokenizer(cfg, backbone)
     frontend = backbone.model.frontend
     _check_vocabulary(tokenizer, frontend)
-    max_length = min(args.max_length, frontend.max_tokens)
+    max_length = min(cfg.max_length, frontend.max_tokens)
     tokens = Tokens(tokenizer, frontend.pad_id, max_length, data.pairs)
     classes = len(data.labels)
 
-    torch.manual_seed(args.seed)  # every rank (and a one-process run) starts from the same head
+    torch.manual_seed(cfg.seed)  # every rank (and a one-process run) starts from the same head
     model = SequenceClassifier(backbone.encoder, classes).to(world.device)
-    torch.manual_seed(args.seed + 1 + world.rank)  # dropout masks differ between ranks, as their data does
+    torch.manual_seed(cfg.seed + 1 + world.rank)  # dropout masks differ between ranks, as their data does
     runtime.log(world, f"text-cls: {data.task.name}, {len(data.train)} train / {len(data.eval)} eval examples, "
                        f"{classes} classes {list(data.labels)}, {steps} updates")
 
@@ -191,7 +190,7 @@ def evaluate(args, world: World, backbone) -> EvalResult:
     train_y = torch.from_numpy(data.train_y)
 
     def batches():
-        for index in train_batches(len(train_rows), batch_size, args.seed, world):
+        for index in train_batches(len(train_rows), batch_size, cfg.seed, world):
             tokens_BT, padding_BT = tokens.batch([train_rows[i] for i in index])
             yield {"tokens": tokens_BT.to(world.device), "padding_mask": padding_BT.to(world.device),
                    "labels": train_y[index].to(world.device)}
@@ -199,8 +198,8 @@ def evaluate(args, world: World, backbone) -> EvalResult:
     def loss_fn(batch: dict, step: int) -> torch.Tensor:
         return F.cross_entropy(model(batch["tokens"], batch["padding_mask"]), batch["labels"])
 
-    optim = OptimConfig(lr=lr, weight_decay=args.weight_decay, schedule="cosine", warmup=WARMUP, final_lr_scale=0.0)
-    curve = fit(model, batches(), loss_fn, steps=steps, cfg=optim, world=world, log_every=args.log_every,
+    optim = OptimConfig(lr=lr, weight_decay=cfg.weight_decay, schedule="cosine", warmup=WARMUP, final_lr_scale=0.0)
+    curve = fit(model, batches(), loss_fn, steps=steps, cfg=optim, world=world, log_every=cfg.log_every,
                 what="text-cls")
 
     mine = np.arange(world.rank, len(data.eval), world.size)
@@ -213,16 +212,16 @@ def evaluate(args, world: World, backbone) -> EvalResult:
     np.add.at(baseline_CC, (data.eval_y, majority), 1)
 
     return EvalResult(
-        task="text-cls", label=args.label or backbone.label, metrics=glue.scores(confusion_CC),
+        task="text-cls", label=cfg.label or backbone.label, metrics=glue.scores(confusion_CC),
         baseline=glue.scores(baseline_CC), checkpoint=backbone.ref,
-        data=DataRef(url=Location(args.data).public_url(), train_split=args.train_split, eval_split=args.eval_split,
+        data=DataRef(url=Location(cfg.data).public_url(), train_split=cfg.train_split, eval_split=cfg.eval_split,
                      train_samples=len(data.train), eval_samples=int(confusion_CC.sum()),
                      labelled=None if subset is None else LabelledSubset(
-                         budget=subset.budget, samples=subset.samples, classes=subset.groups, seed=args.subset_seed,
+                         budget=subset.budget, samples=subset.samples, classes=subset.groups, seed=cfg.subset_seed,
                          keys_sha256=labelled.fingerprint(subset.rows.tolist()))),
-        steps=steps, world_size=world.size, seed=args.seed,
+        steps=steps, world_size=world.size, seed=cfg.seed,
         hyperparameters={"glue_task": data.task.name, "headline": data.task.headline, "labels": list(data.labels),
-                         "lr": lr, "batch_size": batch_size, "weight_decay": args.weight_decay,
+                         "lr": lr, "batch_size": batch_size, "weight_decay": cfg.weight_decay,
                          "max_length": max_length, "schedule": "cosine", "warmup": WARMUP,
                          "head_dropout": HEAD_DROPOUT, "tokenizer": Location(tokenizer_url).public_url()},
         curve=curve)

@@ -194,6 +194,16 @@ class TextSource(Source):
         return Encoded(row["id"], npy_bytes(block), meta, length, index, tokens=length)
 
 
+def corpus_files(location: Location) -> list[Location]:
+    """The .txt files under a folder (any depth, sorted), or the one file `location` names."""
+    fs, root = location.filesystem()
+    files = sorted(fs.glob(f"{root.rstrip('/')}/**/*.txt")) if fs.isdir(root) else [root]
+    if not files:
+        raise ValueError(f"source: no .txt files under {location.url}")
+    protocol = location.protocol
+    return [Location(f if protocol in ("file", "") else f"{protocol}://{f}") for f in files]
+
+
 def assign_splits(doc_ids: list[str], valid_fraction: float, seed: int) -> dict[str, str]:
     """doc_id -> "train" | "valid" (the rule is in the module docstring)."""
     draws = {}
