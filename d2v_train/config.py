@@ -11,7 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from d2v_train.data.plan import BatchPolicy
+from d2v_train.data.plan import BatchPolicy, check_batch_settings
 from d2v_train.data.transforms import ImageTransform
 from d2v_train.models.config import ModelConfig
 
@@ -45,12 +45,10 @@ class DataConfig(_Strict):
         return value
 
     @model_validator(mode="after")
-    def _one_size(self) -> DataConfig:
-        if (self.max_tokens is None) == (self.batch_size is None):
-            raise ValueError("data: give exactly one of max_tokens (speech) and batch_size")
-        if not 1 <= self.min_sample_size <= self.max_sample_size:
-            raise ValueError(f"data.max_sample_size ({self.max_sample_size}) must be at least data.min_sample_size "
-                             f"({self.min_sample_size}), which must be positive")
+    def _batch_plan(self) -> DataConfig:
+        check_batch_settings(batch_size=self.batch_size, max_tokens=self.max_tokens,
+                             min_sample_size=self.min_sample_size, max_sample_size=self.max_sample_size,
+                             shuffle_block=self.shuffle_block, prefix="data.")
         return self
 
     def policy(self) -> BatchPolicy:

@@ -106,12 +106,9 @@ class Trainer:
         model = self.cfg.model
         if dataset.modality != model.modality:
             raise ValueError(f"data.url: {self.cfg.data.url} holds {dataset.modality} shards; the model is {model.modality}")
-        frontend = model.frontend
-        if model.modality == "vision" and (dataset.image_size, dataset.patch_size) != (
-                frontend.image_size, frontend.patch_size):
-            raise ValueError(f"model.frontend: image_size {frontend.image_size} / patch_size {frontend.patch_size}, "
-                             f"but the dataset's masks were drawn for {dataset.image_size} / {dataset.patch_size} "
-                             f"(rebuild with --image-size / --patch-size, or choose a matching preset)")
+        why = model.frontend.dataset_mismatch(dataset)
+        if why:
+            raise ValueError(why)
 
     def resume(self) -> str | None:
         """Load the newest complete checkpoint, if there is one, and forget what was logged after

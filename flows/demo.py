@@ -33,20 +33,31 @@ DEMO = {
 }
 
 
-def make_corpus(modality: str, root: str) -> tuple[str, dict]:
-    """The generated corpus's root, and the flow parameters it needs beyond DEMO's."""
-    if modality == "speech":
-        spec = synthetic.make_librispeech(root, {"train-other-500": 400, "train-clean-100": 120, "dev-clean": 40},
-                                          seed=0, spoken=True, words=(2, 4), speakers=4, faults=True)
-        return spec.source, {}
-    if modality == "vision":
-        spec = synthetic.make_imagenet(root, layout="imagefolder", classes=4, train_per_class=16, val_per_class=16,
-                                       unlabelled=800, seed=0, faults=True, learnable="words")
-        return spec.source, {}
+def _speech_corpus(root: str) -> tuple[str, dict]:
+    spec = synthetic.make_librispeech(root, {"train-other-500": 400, "train-clean-100": 120, "dev-clean": 40},
+                                      seed=0, spoken=True, words=(2, 4), speakers=4, faults=True)
+    return spec.source, {}
+
+
+def _vision_corpus(root: str) -> tuple[str, dict]:
+    spec = synthetic.make_imagenet(root, layout="imagefolder", classes=4, train_per_class=16, val_per_class=16,
+                                   unlabelled=800, seed=0, faults=True, learnable="words")
+    return spec.source, {}
+
+
+def _text_corpus(root: str) -> tuple[str, dict]:
     spec = synthetic.make_text_corpus(os.path.join(root, "corpus"), files=4, docs_per_file=100, seed=0, faults=True,
                                       topics=True)
     synthetic.make_glue_task(os.path.join(root, "glue"), "SST-2", train=200, dev=100, seed=0, rule="topic")
     return spec.source, {"eval_data": os.path.join(root, "glue", "SST-2")}
+
+
+CORPORA = {"speech": _speech_corpus, "vision": _vision_corpus, "text": _text_corpus}
+
+
+def make_corpus(modality: str, root: str) -> tuple[str, dict]:
+    """The generated corpus's root, and the flow parameters it needs beyond DEMO's."""
+    return CORPORA[modality](root)
 
 
 def run_flow(modality: str, out: str, *, workers: int = 2, variant: str = "data2vec", seed: int = 0,

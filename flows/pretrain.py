@@ -23,31 +23,13 @@ from prefect.artifacts import (
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
 from flows.launch import python, run_streamed
+from flows.modalities import FLOW_MODALITIES, FlowModality
 
 Modality = Literal["speech", "vision", "text"]
 Preset = Literal["tiny", "base", "large"]
 Variant = Literal["data2vec", "data2vec2"]
 
-# What each modality's stages read: the corpus splits to build, the pre-training and fine-tuning
-# splits of the built dataset, and the trainer's batch settings (the rest comes from the presets).
-SPLITS = {"speech": ["train-clean-100", "dev-clean"], "vision": ["train", "val"], "text": None}
-EVAL_TASK = {"speech": "speech-ctc", "vision": "image-probe", "text": "text-cls"}
-TRAIN_DATA = {
-    "speech": ["data.max_tokens=1400000", "data.min_sample_size=32000", "data.max_sample_size=320000"],
-    "vision": ["data.batch_size=64"],
-    "text": ["data.batch_size=32"],
-}
-TINY_TRAIN_DATA = {
-    "speech": ["data.max_tokens=160000", "data.min_sample_size=16000", "data.max_sample_size=48000",
-               "data.workers=2"],
-    "vision": ["data.batch_size=8", "data.workers=1"],
-    "text": ["data.batch_size=4", "data.workers=1"],
-}
-TINY_EVAL_ARGS = {"speech": ["--max-tokens", "200000"], "vision": ["--batch-size", "8"], "text": ["--batch-size", "4"]}
 DEFAULT_STEPS = {"tiny": 2000, "base": 400_000, "large": 600_000}  # tiny: what the speech demo needs to learn
-# Labelled-data budgets of the evaluation curve: speech durations (Libri-light style), images
-# ImageNet's 1% / 10% semi-supervised protocols, text example counts; "all" is the whole split.
-EVAL_BUDGETS = {"speech": ["10m", "all"], "vision": ["1%", "10%", "all"], "text": ["100", "all"]}
 
 
 class PretrainRequest(BaseModel):
@@ -76,7 +58,7 @@ class PretrainRequest(BaseModel):
     dask_cluster_class: str | None = None  # or a cluster class to start, e.g. "dask_jobqueue.SLURMCluster"
     dask_cluster_kwargs: dict = {}  # its arguments, e.g. {"cores": 8, "memory": "32GB", "n_workers": 4}
     eval_steps: NonNegativeInt | None = None  # fine-tuning updates (default: the task's)
-    eval_budgets: list[str] | None = None  # labelled-data budgets of the curve (default: EVAL_BUDGETS)
+    eval_budgets: list[str] | None = None  # labelled-data budgets of the curve (default: the modality's, flows/modalities.py)
     eval_seeds: PositiveInt = 3  # fine-tuning seeds per budget and encoder: mean and spread
     eval_jobs: PositiveInt | None = None  # fine-tunes side by side (default: 2 on a machine with 2+ CPUs)
     eval_data: str | None = None  # text: GLUE-format folder (no text evaluation without it)
@@ -108,32 +90,34 @@ class PretrainRequest(BaseModel):
         if not (CONFIGS / f"{self.model}.yaml").exists():
             raise ValueError(f"preset: there is no {self.variant} {self.preset} preset for {self.modality} "
                              f"(configs/{self.model}.yaml)")
-        if self.splits is None:
-            self.splits = SPLITS[self.modality]
-        elif self.modality == "text":
-            raise ValueError("splits: text corpora are split by document (train/valid), not chosen")
+        self.kind.check(self)
+        if self.splits is None and self.kind.splits is not None:
+            self.splits = list(self.kind.splits)
         for field in ("pretrain_split", "labelled_split", "eval_split"):
             value = getattr(self, field)
             if value is not None and self.splits is not None and value not in self.splits:
                 raise ValueError(f"{field}: {value!r} is not among the splits built ({', '.join(self.splits)})")
-        if self.modality == "text" and (self.labelled_split or self.eval_split):
-            raise ValueError("labelled_split/eval_split: text is evaluated on eval_data's GLUE train/dev files")
         if self.eval_budgets is not None and not self.eval_budgets:
             raise ValueError("eval_budgets: give at least one budget (or leave it out for the defaults)")
         from d2v_train.eval.curve_run import budget_options
 
         for budget in self.budgets:
             try:
-                budget_options(EVAL_TASK[self.modality], budget)
+                budget_options(self.kind.eval_task, budget)
             except ValueError as exc:
                 raise ValueError(f"eval_budgets: {exc}") from None
         from d2v_train.eval.tasks import parse_task
 
         try:  # the task's own config model: a wrong option or value fails now, not after pre-training
-            parse_task(EVAL_TASK[self.modality], ["--checkpoint", "random", *self.eval_task_options()], raising=True)
+            parse_task(self.kind.eval_task, ["--checkpoint", "random", *self.eval_task_options()], raising=True)
         except ValueError as exc:
             raise ValueError(f"eval_args: {exc}") from None
         return self
+
+    @property
+    def kind(self) -> FlowModality:
+        """What the stages do for this modality."""
+        return FLOW_MODALITIES[self.modality]
 
     def url(self, *parts: str) -> str:
         return "/".join([self.output.rstrip("/"), *parts])
@@ -165,7 +149,7 @@ class PretrainRequest(BaseModel):
 
     @property
     def budgets(self) -> list[str]:
-        return list(self.eval_budgets) if self.eval_budgets else EVAL_BUDGETS[self.modality]
+        return list(self.eval_budgets) if self.eval_budgets else list(self.kind.budgets)
 
     @property
     def jobs(self) -> int:
@@ -175,22 +159,17 @@ class PretrainRequest(BaseModel):
 
     def eval_task_options(self) -> list[str]:
         """The options every run of the evaluation curve gets (`d2v eval TASK`'s, eval_args last)."""
-        data = self.eval_data if self.modality == "text" else self.url("dataset")
-        options = ["--data", data or ""]
-        if self.modality == "text":  # GLUE's splits; the tokenizer of the pre-training data for both encoders
-            options += ["--train-split", "train", "--eval-split", "dev", "--tokenizer", self.url("dataset", "tokenizer")]
-        else:
-            options += ["--train-split", self.finetune_split, "--eval-split", self.scored_split]
+        options = self.kind.eval_data_options(self)
         if self.eval_steps is not None:
             options += ["--steps", str(self.eval_steps)]
         if self.preset == "tiny":
-            options += TINY_EVAL_ARGS[self.modality]
+            options += list(self.kind.tiny_eval_args)
         return options + list(self.eval_args)
 
     def trainer_overrides(self) -> list[str]:
-        data = TINY_TRAIN_DATA if self.preset == "tiny" else TRAIN_DATA
+        data = self.kind.tiny_train_data if self.preset == "tiny" else self.kind.train_data
         return [
-            f"model={self.model}", *data[self.modality], f"data.url={self.url('dataset')}",
+            f"model={self.model}", *data, f"data.url={self.url('dataset')}",
             f"data.split={self.train_split}", f"run_dir={self.url('run')}", f"train.max_steps={self.steps}",
             f"train.seed={self.seed}", *self.train_overrides,
         ]
@@ -203,13 +182,7 @@ def build_request(req: PretrainRequest) -> dict:
 
     wanted = {"modality": req.modality, "shard_size": ShardSize.parse(req.shard_size).describe(),
               "mask_variants": req.mask_variants, "seed": req.seed}
-    if req.modality == "speech":
-        wanted["subsets"] = list(req.splits)
-    elif req.modality == "vision":
-        wanted.update(splits=list(req.splits), **image_geometry(req))
-    else:
-        wanted["vocab_size"] = req.vocab_size
-    return wanted
+    return {**wanted, **req.kind.build_params(req)}
 
 
 def finished_build(req: PretrainRequest) -> dict | None:
@@ -228,28 +201,9 @@ def finished_build(req: PretrainRequest) -> dict | None:
     return dataset if all(build.get(k) == v for k, v in build_request(req).items()) else None
 
 
-def image_geometry(req: PretrainRequest) -> dict:
-    """Images are resized and masked for the model preset's patch grid, so the build follows it."""
-    import yaml
-
-    from d2v_train.config import CONFIGS
-
-    frontend = yaml.safe_load((CONFIGS / f"{req.model}.yaml").read_text())["frontend"]
-    return {"image_size": frontend["image_size"], "patch_size": frontend["patch_size"]}
-
-
 def make_source(req: PretrainRequest):
     """The source of the modality's kind (pipelines.sources.registry), as `d2v data build` makes it."""
-    from pipelines.sources.registry import BY_MODALITY, make_source
-    from pipelines.sources.text import corpus_files
-    from pipelines.storage import Location
-
-    kind = BY_MODALITY[req.modality]
-    if req.modality == "text":  # a folder of .txt files (or one file); the BPE trained on the corpus
-        return make_source(kind.name, corpus_files(Location(req.source)), vocab_size=req.vocab_size, seed=req.seed)
-    options = {"subsets": tuple(req.splits)} if req.modality == "speech" else \
-        {"splits": tuple(req.splits), **image_geometry(req)}
-    return make_source(kind.name, [Location(req.source)], **options)
+    return req.kind.source(req)
 
 
 def build_options(req: PretrainRequest):
@@ -380,7 +334,7 @@ def read_metrics(url: str) -> list[dict]:
 # -- evaluate and report ----------------------------------------------------------------------
 def eval_command(req: PretrainRequest) -> list[str]:
     """`d2v eval curve`: the pre-trained and a random encoder at every budget and seed."""
-    return [python(), "-m", "flows.cli", "eval", "curve", EVAL_TASK[req.modality],
+    return [python(), "-m", "flows.cli", "eval", "curve", req.kind.eval_task,
             "--checkpoint", req.url("run", "checkpoints"), "--checkpoint", "random", "--model", req.model,
             "--budgets", ",".join(req.budgets), "--seeds", str(req.eval_seeds), "--jobs", str(req.jobs),
             "--results", req.url("eval"), "--out", req.url("report"),
@@ -392,8 +346,9 @@ def evaluate(req: PretrainRequest) -> str | None:
     """The label-efficiency curve of the pre-trained encoder against a random one (`d2v eval curve`):
     every result under eval/, the report under report/; returns report.md's URL."""
     logger = get_run_logger()
-    if req.modality == "text" and not req.eval_data:
-        logger.warning("text: no eval_data (a GLUE-format folder) given: skipping evaluation")
+    why_not = req.kind.skips_evaluation(req)
+    if why_not:
+        logger.warning(why_not)
         return None
     run_streamed(eval_command(req), what="d2v eval curve", on_line=logger.info)
     with fsspec.open(req.url("report", "curve.json"), "rt") as f:

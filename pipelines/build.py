@@ -342,15 +342,20 @@ def _split_summaries(results: list[ShardResult], modality: str) -> dict[str, Spl
     return splits
 
 
+# the build's summary of a split's amount field: (total, seconds elapsed) -> text
+_AMOUNT_LINE = {
+    "seconds": lambda total, elapsed: f", {total / 3600:.3f} audio-hours ({total / elapsed:.0f} audio-s/s)",
+    "tokens": lambda total, elapsed: f", {total} tokens ({total / elapsed:.0f} tokens/s)",
+}
+
+
 def _summary_line(dataset: Dataset, shards: int, skipped: int, elapsed: float) -> str:
     rate = dataset.samples / max(elapsed, 1e-9)
     extra = ""
-    if dataset.modality == "speech":
-        hours = sum(s.seconds or 0 for s in dataset.splits.values()) / 3600
-        extra = f", {hours:.3f} audio-hours ({hours * 3600 / max(elapsed, 1e-9):.0f} audio-s/s)"
-    if dataset.modality == "text":
-        tokens = sum(s.tokens or 0 for s in dataset.splits.values())
-        extra = f", {tokens} tokens ({tokens / max(elapsed, 1e-9):.0f} tokens/s)"
+    amount = AMOUNT_FIELD.get(dataset.modality)
+    if amount:
+        total = sum(getattr(s, amount) or 0 for s in dataset.splits.values())
+        extra = _AMOUNT_LINE[amount](total, max(elapsed, 1e-9))
     return (
         f"built {shards} shards ({skipped} already done) with {dataset.samples} samples in {elapsed:.1f}s "
         f"({rate:.1f} samples/s{extra}); {dataset.rejected} rejected of {dataset.source_items} source items"

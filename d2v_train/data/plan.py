@@ -33,16 +33,29 @@ class BatchPolicy:
     tail: Literal["drop", "pad"] = "drop"
 
     def __post_init__(self) -> None:
-        if (self.batch_size is None) == (self.max_tokens is None):
-            raise ValueError("give exactly one of batch_size and max_tokens")
-        if self.batch_size is not None and self.batch_size < 1:
-            raise ValueError("batch_size must be at least 1")
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError("max_tokens must be positive")
-        if self.shuffle_block < 1:
-            raise ValueError("shuffle_block must be at least 1")
-        if self.tail not in ("drop", "pad"):
-            raise ValueError(f"tail must be 'drop' or 'pad', not {self.tail!r}")
+        check_batch_settings(batch_size=self.batch_size, max_tokens=self.max_tokens,
+                             min_sample_size=self.min_sample_size, max_sample_size=self.max_sample_size,
+                             shuffle_block=self.shuffle_block, tail=self.tail)
+
+
+def check_batch_settings(*, batch_size: int | None, max_tokens: int | None, min_sample_size: int,
+                         max_sample_size: int, shuffle_block: int, tail: str = "drop", prefix: str = "") -> None:
+    """The one check of a batch plan's settings, for BatchPolicy and the trainer's DataConfig;
+    `prefix` names the fields as the caller's users know them (`data.`)."""
+    p = prefix
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError(f"give exactly one of {p}batch_size and {p}max_tokens (speech)")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"{p}batch_size must be at least 1")
+    if max_tokens is not None and max_tokens < 1:
+        raise ValueError(f"{p}max_tokens must be positive")
+    if not 1 <= min_sample_size <= max_sample_size:
+        raise ValueError(f"{p}max_sample_size ({max_sample_size}) must be at least {p}min_sample_size "
+                         f"({min_sample_size}), which must be positive")
+    if shuffle_block < 1:
+        raise ValueError(f"{p}shuffle_block must be at least 1")
+    if tail not in ("drop", "pad"):
+        raise ValueError(f"{p}tail must be 'drop' or 'pad', not {tail!r}")
 
 
 @dataclass(frozen=True)

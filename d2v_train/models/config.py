@@ -35,6 +35,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class _Frontend(_Strict):
+    def dataset_mismatch(self, dataset) -> str | None:
+        """Why a built dataset (schemas.Dataset) of this modality cannot feed this front-end, or None."""
+        return None
+
+
 class TransformerConfig(_Strict):
     dim: int = Field(768, gt=0)
     layers: int = Field(12, gt=0)
@@ -60,7 +66,7 @@ class TransformerConfig(_Strict):
 _WAV2VEC2_CNN = [(512, 10, 5)] + [(512, 3, 2)] * 4 + [(512, 2, 2)] * 2
 
 
-class SpeechEncoderConfig(_Strict):
+class SpeechEncoderConfig(_Frontend):
     """wav2vec 2.0 / data2vec audio front-end: CNN feature encoder + 5-layer positional conv."""
 
     kind: Literal["speech"] = "speech"
@@ -102,7 +108,7 @@ class SpeechEncoderConfig(_Strict):
         return hop
 
 
-class VisionEncoderConfig(_Strict):
+class VisionEncoderConfig(_Frontend):
     """BEiT / data2vec vision front-end: a patch embedding (Conv2d, kernel = stride = patch_size),
     a CLS token and one relative position bias shared by all blocks."""
 
@@ -125,8 +131,16 @@ class VisionEncoderConfig(_Strict):
         side = self.image_size // self.patch_size
         return side, side
 
+    def dataset_mismatch(self, dataset) -> str | None:
+        """The stored masks are per patch of the crop the dataset was built for."""
+        if (dataset.image_size, dataset.patch_size) == (self.image_size, self.patch_size):
+            return None
+        return (f"model.frontend: image_size {self.image_size} / patch_size {self.patch_size}, but the dataset's "
+                f"masks were drawn for {dataset.image_size} / {dataset.patch_size} (rebuild with --image-size / "
+                "--patch-size, or choose a matching preset)")
 
-class TextEncoderConfig(_Strict):
+
+class TextEncoderConfig(_Frontend):
     """RoBERTa / data2vec text front-end: token, learned position and token type embeddings, LayerNorm.
 
     Positions count from ``pad_id + 1`` (RoBERTa, HF), so ``max_positions`` = longest block +
