@@ -23,3 +23,28 @@ def test_the_rank_floor_applies_only_when_set_and_nan_never_trips_it():
     assert collapse(1, 1.0, 1.0, 2.5, guard, 64) == (
         "representation collapse at step 1: the targets' effective rank is 2.50 (min 4.0): they vary along "
         "that many of their 64 directions")
+
+
+def test_the_step_guard_stops_or_skips_a_nonfinite_step_and_names_the_last_good_checkpoint():
+    import pytest
+
+    from d2v_train.guards import StepGuard, TrainingStopped
+
+    asked = []
+
+    def last_good():
+        asked.append(1)
+        return "run/checkpoints/step-00000004"
+
+    stop = StepGuard(GuardConfig(nonfinite="stop"), 64, last_good)
+    assert stop.skips(5, 1.0, 2.0, masked=10) is False and not asked  # a good step asks for nothing
+    assert stop.skips(5, 1.0, 2.0, masked=0) is True  # every batch of the step lost to bad shards
+    with pytest.raises(TrainingStopped, match=r"non-finite loss \(nan\) .* at step 5; the last good checkpoint "
+                                              r"is run/checkpoints/step-00000004"):
+        stop.skips(5, float("nan"), 2.0, masked=10)
+    skip = StepGuard(GuardConfig(nonfinite="skip"), 64, lambda: None)
+    assert skip.skips(5, 1.0, float("inf"), masked=10) is True
+    collapsing = StepGuard(GuardConfig(collapse_after=0), 64, lambda: None)
+    collapsing.check_collapse(1, 1.0, 1.0, 30.0)
+    with pytest.raises(TrainingStopped, match="representation collapse at step 1.*the last good checkpoint is none"):
+        collapsing.check_collapse(1, 0.0, 1.0, 30.0)

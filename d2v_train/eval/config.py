@@ -44,11 +44,12 @@ class EvalConfig(BaseModel):
     log_every: int = option(10, "updates between progress lines")
     label: str | None = option(None, "the name reports give this run (default: step or 'random')")
 
-    @field_validator("steps")
+    @field_validator("steps", "batch_size")
     @classmethod
-    def _steps(cls, value):
-        if value is not None and value < 0:
-            raise ValueError("--steps must be >= 0")
+    def _counts(cls, value, info):
+        least = {"steps": 0, "batch_size": 1}[info.field_name]
+        if value is not None and value < least:
+            raise ValueError(f"--{info.field_name.replace('_', '-')} must be >= {least}")
         return value
 
 
@@ -127,13 +128,6 @@ class TextClsConfig(EvalConfig):
                                          "folder's name); picks the columns and the headline metric")
     weight_decay: float = option(0.1, "AdamW weight decay")
 
-    @field_validator("batch_size")
-    @classmethod
-    def _batch_size(cls, value):
-        if value is not None and value < 1:
-            raise ValueError("--batch-size must be >= 1")
-        return value
-
 
 TASK_CONFIGS: dict[str, type[EvalConfig]] = {
     "speech-ctc": SpeechCTCConfig, "image-probe": ImageEvalConfig, "image-finetune": ImageEvalConfig,
@@ -150,7 +144,11 @@ def add_options(parser: argparse.ArgumentParser, task: str) -> None:
         if name == "task":
             continue
         cli = (field.json_schema_extra or {}).get("cli", {})
-        target = groups.setdefault(cli["group"], parser.add_mutually_exclusive_group()) if "group" in cli else parser
+        target = parser
+        if "group" in cli:
+            if cli["group"] not in groups:
+                groups[cli["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[cli["group"]]
         flag, kind = f"--{name.replace('_', '-')}", _base_type(field.annotation)
         if kind is bool:
             target.add_argument(flag, action="store_true", help=field.description)

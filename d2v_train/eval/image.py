@@ -96,6 +96,13 @@ def _loader(cfg: ImageEvalConfig, world: World, split: str, batch_size: int, ima
     return loader
 
 
+def _split_loaders(stack: ExitStack, cfg: ImageEvalConfig, world: World, batch_size: int, image_size: int, *,
+                   train: bool) -> tuple[StreamingLoader, StreamingLoader]:
+    """The train split's loader (fine-tuning transforms if `train`) and the eval split's, closed with `stack`."""
+    return (stack.enter_context(closing(_loader(cfg, world, cfg.train_split, batch_size, image_size, train=train))),
+            stack.enter_context(closing(_loader(cfg, world, cfg.eval_split, batch_size, image_size, train=False))))
+
+
 def labelled_subset(cfg: ImageEvalConfig, loader: StreamingLoader) -> labelled.Subset:
     """The train split's class-balanced budget (--labels-per-class / --label-fraction), applied to
     the loader; neither given: the whole split (fraction 1)."""
@@ -178,10 +185,7 @@ def _probe(cfg: ImageEvalConfig, world: World, backbone, image_size: int, classe
     steps, lr, batch_size, weight_decay = _options(cfg, PROBE_DEFAULTS)
     encoder, dim = backbone.encoder.eval().requires_grad_(False), backbone.model.encoder.dim
     with ExitStack() as stack:
-        train_loader = stack.enter_context(closing(_loader(cfg, world, cfg.train_split, batch_size, image_size,
-                                                           train=False)))
-        eval_loader = stack.enter_context(closing(_loader(cfg, world, cfg.eval_split, batch_size, image_size,
-                                                          train=False)))
+        train_loader, eval_loader = _split_loaders(stack, cfg, world, batch_size, image_size, train=False)
         subset = labelled_subset(cfg, train_loader)
         runtime.log(world, f"image-probe: encoding {len(train_loader.index)} + {len(eval_loader.index)} images")
         _, train_y, train_x = extract_features(encoder, train_loader, world, dim)
@@ -288,10 +292,7 @@ def _finetune(cfg: ImageEvalConfig, world: World, backbone, image_size: int, cla
     optim = OptimConfig(lr=lr, weight_decay=weight_decay, betas=(0.9, 0.999), eps=1e-8, schedule="cosine",
                         warmup=0.1, final_lr_scale=0.01)
     with ExitStack() as stack:
-        train_loader = stack.enter_context(closing(_loader(cfg, world, cfg.train_split, batch_size, image_size,
-                                                           train=True)))
-        eval_loader = stack.enter_context(closing(_loader(cfg, world, cfg.eval_split, batch_size, image_size,
-                                                          train=False)))
+        train_loader, eval_loader = _split_loaders(stack, cfg, world, batch_size, image_size, train=True)
         subset = labelled_subset(cfg, train_loader)
         if subset.samples < batch_size * world.size:  # a few labels: full batches
             batch_size = max(1, subset.samples // world.size)
