@@ -112,13 +112,17 @@ def index_bytes(rows: list[dict], schema: pa.Schema, footer: dict[bytes, bytes])
     return buffer.getvalue()
 
 
-def read_parquet(fs, path: str) -> pa.Table:
-    """A small Parquet file (index, manifest, rejects) read whole.
+def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
+    """A small Parquet file (index, manifest, rejects) read whole, or only `columns` of it (those
+    it has). Through ParquetFile, a third of read_table's cost per small file (no dataset layer).
 
     Single-threaded on purpose: pyarrow 26's CPU thread pool can abort the interpreter at exit
     ("terminate called without an active exception") after a threaded read.
     """
-    return pq.read_table(pa.BufferReader(fs.cat_file(path)), use_threads=False)
+    parquet = pq.ParquetFile(pa.BufferReader(fs.cat_file(path)))
+    if columns is not None:
+        columns = [name for name in columns if name in parquet.schema_arrow.names]
+    return parquet.read(columns=columns, use_threads=False)
 
 
 def read_index_footer(fs, path: str) -> dict[bytes, bytes]:

@@ -1,31 +1,198 @@
-"""A split's sample table, read from dataset.json and the Parquet indexes alone (no tar is opened)."""
+"""A split's sample table, read from dataset.json and the Parquet indexes alone (no tar is opened).
+
+Columnar and lazy, so that a split of 10 million samples in 10,000 index files is ready in
+seconds: opening it reads one column of every index file (the lengths batches are planned by,
+or the labels of images), in parallel threads; any other column is read for the whole split when
+first asked for (`index.columns[name]`), and the loader takes the few rows a batch needs from the
+index files of their shards (`index.gather`), kept in a small cache, instead of holding every
+span of every sample. Strings stay in Arrow buffers (StringColumn), never one object per row.
+"""
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 
 from pipelines.inspection import read_dataset
 from pipelines.shards import read_parquet
 from pipelines.storage import Location, join
 from schemas import Dataset, ShardInfo
-from schemas.arrow import LENGTH_COLUMN, SPAN_COLUMNS
+from schemas.arrow import LENGTH_COLUMN, index_schema
+
+# what a column holds where an index file has none: an older build (no checksum), no labels
+_DEFAULTS = {"payload_crc32": -1, "label": -1}
+SHARD_TABLES_CACHED = 64  # whole shard index tables the loader keeps (about 0.1 MB each at 1,000 samples)
+
+
+class StringColumn:
+    """A column of strings (None where there is none) kept in Arrow's buffers instead of one Python
+    object per row: the keys of 10 million samples take about 180 MB so, against 700 MB as Python
+    strings. A row gives a str (or None); positions, a boolean mask or a slice give a StringColumn;
+    iteration, tolist() and numpy conversion give Python objects."""
+
+    def __init__(self, array: pa.Array) -> None:
+        self.array = array
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, item):
+        if isinstance(item, (int, np.integer)):
+            return self.array[int(item)].as_py()
+        if isinstance(item, slice):
+            return StringColumn(self.array[item])
+        rows = np.asarray(item)
+        if rows.dtype == bool:
+            rows = np.flatnonzero(rows)
+        return StringColumn(self.array.take(pa.array(rows.astype(np.int64, copy=False), type=pa.int64())))
+
+    def __iter__(self):
+        return iter(self.array.to_pylist())
+
+    def tolist(self) -> list:
+        return self.array.to_pylist()
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return np.asarray(self.array.to_pylist(), dtype=object)
+
+
+def _as_column(chunks: list[pa.Array]) -> np.ndarray | StringColumn:
+    """Index pieces joined: numbers as int64, strings as one StringColumn."""
+    if chunks and pa.types.is_string(chunks[0].type):
+        if sum(chunk.nbytes for chunk in chunks) >= 2**31 - 1:  # past Arrow's 32-bit string offsets
+            chunks = [chunk.cast(pa.large_string()) for chunk in chunks]
+        return StringColumn(pa.concat_arrays(chunks))
+    return np.concatenate([chunk.to_numpy(zero_copy_only=False).astype(np.int64, copy=False) for chunk in chunks]) \
+        if chunks else np.zeros(0, dtype=np.int64)
+
+
+class IndexFiles:
+    """The index files of one split: whole columns of the split, and whole tables of one shard."""
+
+    def __init__(self, dataset: Dataset, fs, root: str, shards: list[ShardInfo], threads: int) -> None:
+        self.dataset, self.fs, self.root, self.shards, self.threads = dataset, fs, root, shards, threads
+        self.names = set(index_schema(dataset.modality).names)
+        counts = np.array([s.samples for s in shards], dtype=np.int64)
+        self.starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)  # each shard's first row
+        self._tables: OrderedDict[int, pa.Table] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def read(self, number: int, columns: list[str] | None = None) -> pa.Table:
+        shard = self.shards[number]
+        table = read_parquet(self.fs, join(self.root, shard.index), columns)
+        if table.num_rows != shard.samples:
+            raise ValueError(f"{shard.index} has {table.num_rows} rows but dataset.json says {shard.samples}")
+        return table
+
+    def column(self, name: str) -> np.ndarray | StringColumn:
+        """One column of every index file, in parallel, joined in shard order."""
+        if name not in self.names:  # a column no index of this modality has
+            return np.full(int(self.starts[-1]), _DEFAULTS[name], dtype=np.int64)
+
+        def piece(number: int) -> pa.Array:
+            table = self.read(number, [name])
+            if name in table.column_names:
+                return table.column(name).combine_chunks()
+            return pa.array(np.full(table.num_rows, _DEFAULTS[name], dtype=np.int64))
+
+        with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(self.shards)))) as pool:
+            return _as_column(list(pool.map(piece, range(len(self.shards)))))
+
+    def table(self, number: int) -> pa.Table:
+        """Shard `number`'s whole index (the most recently used ones cached)."""
+        with self._lock:
+            if number in self._tables:
+                self._tables.move_to_end(number)
+                return self._tables[number]
+        table = self.read(number)
+        with self._lock:
+            self._tables[number] = table
+            while len(self._tables) > SHARD_TABLES_CACHED:
+                self._tables.popitem(last=False)
+        return table
+
+
+class IndexColumns(Mapping):
+    """A split's columns by name, read on first use: "shard" (position in the split's shard list),
+    "length" (speech: audio samples, text: tokens, images: 1), "label" (-1 where there is none),
+    "payload_crc32" (-1 where not recorded) and every column of the index schema ("key", the span
+    columns, "transcript", "speaker", ...). `positions`: this view's rows among the split's (a
+    labelled subset), None for all of them in shard order."""
+
+    def __init__(self, files: IndexFiles, positions: np.ndarray | None, loaded: dict) -> None:
+        self.files, self.positions, self._loaded = files, positions, loaded
+        self._lock = threading.Lock()
+
+    def _names(self) -> list[str]:
+        return ["shard", "length", *sorted(self.files.names | set(_DEFAULTS))]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+    def __contains__(self, name) -> bool:
+        return name in self._loaded or name in self._names()
+
+    def __getitem__(self, name: str):
+        if name not in self._loaded:
+            if name not in self:
+                raise KeyError(name)
+            full = self.files.column(name)
+            with self._lock:
+                if name not in self._loaded:
+                    self._loaded[name] = full if self.positions is None else full[self.positions]
+        return self._loaded[name]
+
+    def __setitem__(self, name: str, values) -> None:
+        self._loaded[name] = values
+
+    def select(self, rows: np.ndarray) -> IndexColumns:
+        positions = rows if self.positions is None else self.positions[rows]
+        return IndexColumns(self.files, positions, {name: values[rows] for name, values in self._loaded.items()})
+
+    def gather(self, rows: np.ndarray, names: tuple[str, ...]) -> list[list]:
+        """The values of `names` at `rows` (positions in this view), as Python lists: from a column
+        already read, else from the index tables of the rows' shards alone."""
+        out: list[list | None] = [self._loaded[n][rows].tolist() if n in self._loaded else None for n in names]
+        missing = [i for i, values in enumerate(out) if values is None]
+        if missing:
+            full = rows if self.positions is None else self.positions[rows]
+            shard_of = self._loaded["shard"][rows]
+            for i in missing:
+                out[i] = [None] * len(rows)
+            for shard in np.unique(shard_of).tolist():
+                mine = np.flatnonzero(shard_of == shard)
+                table = self.files.table(shard)
+                within = pa.array(full[mine] - self.files.starts[shard], type=pa.int64())
+                for i in missing:
+                    name = names[i]
+                    values = table.column(name).take(within).to_pylist() if name in table.column_names \
+                        else [_DEFAULTS[name]] * len(mine)
+                    for j, value in zip(mine.tolist(), values):
+                        out[i][j] = value
+        return out
 
 
 @dataclass
 class SplitIndex:
-    """One row per sample of a split, in shard order then tar order; columns are numpy arrays
-    (speech also has "transcript", an object array with None where there is none)."""
+    """One row per sample of a split, in shard order then tar order; `columns` reads each column
+    when first used (numbers as int64 numpy arrays, strings as StringColumn)."""
 
     dataset: Dataset
     location: Location
     split: str
     shards: list[ShardInfo]
-    columns: dict[str, np.ndarray]
+    columns: IndexColumns
 
     def __len__(self) -> int:
-        return len(self.columns["key"])
+        return len(self.columns["shard"])
 
     @property
     def modality(self) -> str:
@@ -42,38 +209,25 @@ class SplitIndex:
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise ValueError(f"row positions outside the {len(self)} samples of split {self.split!r}")
-        return SplitIndex(self.dataset, self.location, self.split, self.shards,
-                          {name: values[rows] for name, values in self.columns.items()})
+        return SplitIndex(self.dataset, self.location, self.split, self.shards, self.columns.select(rows))
+
+    def gather(self, rows: np.ndarray, names: tuple[str, ...]) -> list[list]:
+        """`names` at `rows` as lists (what a batch's requests and collation need)."""
+        return self.columns.gather(np.asarray(rows, dtype=np.int64), names)
 
     @classmethod
     def load(cls, location: Location, split: str, *, threads: int = 16) -> SplitIndex:
+        """dataset.json and one column of every index file: the lengths batches are planned by
+        (images: their labels), read in parallel threads; the rest on first use."""
         dataset, fs, root = read_dataset(location)
         shards = dataset.shards_of(split)
-        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(shards)))) as pool:
-            tables = list(pool.map(lambda shard: read_parquet(fs, join(root, shard.index)), shards))
-        columns: dict[str, list] = {name: [] for name in ("key", "shard", "length", "label", "mask_length", "payload_crc32",
-                                                          *SPAN_COLUMNS)}
-        for number, (shard, table) in enumerate(zip(shards, tables)):
-            if table.num_rows != shard.samples:
-                raise ValueError(f"{shard.index} has {table.num_rows} rows but dataset.json says {shard.samples}")
-            rows = table.num_rows
-            columns["key"].append(np.asarray(table.column("key").to_pylist(), dtype=object))
-            columns["shard"].append(np.full(rows, number, dtype=np.int32))
-            for name in ("mask_length", *SPAN_COLUMNS):
-                columns[name].append(table.column(name).to_numpy().astype(np.int64))
-            columns["payload_crc32"].append(  # -1: not recorded (an index of an older build)
-                table.column("payload_crc32").to_numpy().astype(np.int64) if "payload_crc32" in table.column_names
-                else np.full(rows, -1, dtype=np.int64))
-            length_column = LENGTH_COLUMN.get(dataset.modality)
-            length = (table.column(length_column).to_numpy().astype(np.int64) if length_column
-                      else np.ones(rows, dtype=np.int64))
-            columns["length"].append(length)
-            label = table.column("label").to_numpy().astype(np.int64) if "label" in table.column_names \
-                else np.full(rows, -1, dtype=np.int64)
-            columns["label"].append(label)
-            for name in ("transcript", "speaker"):  # speech: None where there is none
-                if name in table.column_names:
-                    columns.setdefault(name, []).append(np.asarray(table.column(name).to_pylist(), dtype=object))
-        merged = {name: (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64))
-                  for name, parts in columns.items()}
-        return cls(dataset, location, split, shards, merged)
+        files = IndexFiles(dataset, fs, root, shards, threads)
+        counts = np.diff(files.starts)
+        loaded: dict = {"shard": np.repeat(np.arange(len(shards), dtype=np.int32), counts)}
+        length_column = LENGTH_COLUMN.get(dataset.modality)
+        if length_column:
+            loaded["length"] = files.column(length_column)
+        else:  # images: every index file read once all the same (its row count checked), for the labels
+            loaded["label"] = files.column("label")
+            loaded["length"] = np.ones(len(loaded["shard"]), dtype=np.int64)
+        return cls(dataset, location, split, shards, IndexColumns(files, None, loaded))

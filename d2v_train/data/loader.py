@@ -21,7 +21,7 @@ import torchdata.nodes as tn
 from d2v_train.data.batches import Batch
 from d2v_train.data.index import SplitIndex
 from d2v_train.data.modalities import MODALITIES
-from d2v_train.data.plan import BatchPolicy, GlobalBatch, plan_epoch, rank_batch_numbers
+from d2v_train.data.plan import BatchPolicy, EpochPlan, plan_epoch, rank_batch_count, rank_batch_numbers
 from d2v_train.data.reader import SampleRequest, ShardError, ShardReader
 from d2v_train.data.transforms import ImageTransform
 from pipelines.storage import Location
@@ -91,7 +91,7 @@ class StreamingLoader:
         self.epoch = 0
         self._start = 0  # global batches of self.epoch consumed before this iteration began
         self._served = 0  # batches this rank has handed out in this iteration
-        self._plans: dict[int, list[GlobalBatch]] = {}
+        self._plans: dict[int, EpochPlan] = {}
 
     def restrict(self, rows: np.ndarray) -> None:
         """Serve only these positions of the split from now on (a labelled subset, eval/labelled.py);
@@ -102,7 +102,7 @@ class StreamingLoader:
         self._plans = {}
 
     # -- planning -----------------------------------------------------------------------------
-    def plan(self, epoch: int) -> list[GlobalBatch]:
+    def plan(self, epoch: int) -> EpochPlan:
         if epoch not in self._plans:
             self._plans = {epoch: plan_epoch(self.index, self.policy, self.seed, epoch, hop=self.frame_grid.hop)}
         return self._plans[epoch]
@@ -110,7 +110,7 @@ class StreamingLoader:
     def __len__(self) -> int:
         """Batches this rank serves in the current epoch from the current position."""
         total = len(self.plan(self.epoch))
-        return len(rank_batch_numbers(total, self._start, self.rank, self.world_size, self.policy.tail)) - self._served
+        return rank_batch_count(total, self._start, self.world_size, self.policy.tail) - self._served
 
     # -- state --------------------------------------------------------------------------------
     @property
@@ -142,9 +142,9 @@ class StreamingLoader:
 
     # -- iteration ----------------------------------------------------------------------------
     def __iter__(self) -> Iterator[Batch]:
-        batches = self.plan(self.epoch)
-        served = rank_batch_numbers(len(batches), self._start, self.rank, self.world_size, self.policy.tail)
-        todo = [(batches[number], padding, self.epoch) for number, padding in served[self._served:]]
+        plan = self.plan(self.epoch)
+        served = rank_batch_numbers(len(plan), self._start, self.rank, self.world_size, self.policy.tail)
+        todo = [(plan, number, padding, self.epoch) for number, padding in served[self._served:]]
         mapper = tn.ParallelMapper(tn.IterableWrapper(todo), self._load, num_workers=self.workers, in_order=True,
                                    method="thread")
         prefetcher = tn.Prefetcher(mapper, prefetch_factor=self.prefetch)
@@ -198,11 +198,10 @@ class StreamingLoader:
         real = int((~batch["padding_mask"]).sum()) if "padding_mask" in batch else 0  # samples or tokens
         self.throughput.add(len(batch["keys"]), **self.modality.delivered(real, self))
 
-    def _load(self, item: tuple[GlobalBatch, bool, int]) -> Batch:
-        plan, padding, epoch = item
-        columns = self.index.columns
-        fields = [columns["shard"][plan.samples].tolist(), columns["key"][plan.samples].tolist()] + [
-            columns[name][plan.samples].tolist() for name in _REQUEST_COLUMNS]
+    def _load(self, item: tuple[EpochPlan, int, bool, int]) -> Batch:
+        epoch_plan, number, padding, epoch = item
+        plan = epoch_plan[number]  # made here, in a worker thread (a speech crop is drawn per batch)
+        fields = self.index.gather(plan.samples, ("shard", "key", *_REQUEST_COLUMNS))
         requests = [SampleRequest(*values) for values in zip(*fields)]
         fetched = self.reader.read(requests)
         keep = [j for j, sample in enumerate(fetched) if sample is not None]

@@ -74,9 +74,8 @@ class SpeechData(DataModality):
 
     def collate(self, loader, items, keys, rows, plan, rng):
         batch = collate.collate_speech(items, keys, pad=plan.crop_length is None)
-        columns = loader.index.columns
-        if "transcript" in columns:
-            batch["transcripts"] = [columns["transcript"][row] for row in rows]
+        if "transcript" in loader.index.columns:
+            (batch["transcripts"],) = loader.index.gather(rows, ("transcript",))
         return batch
 
     def delivered(self, real, loader):
@@ -122,7 +121,7 @@ class VisionData(DataModality):
                                    eval_resize=tf.eval_resize(loader.image_size))
 
     def collate(self, loader, items, keys, rows, plan, rng):
-        labels = [int(loader.index.columns["label"][row]) for row in rows]
+        (labels,) = loader.index.gather(rows, ("label",))
         return collate.collate_images(items, keys, labels)
 
     def single_input(self, data, where, model, data_url):

@@ -13,6 +13,7 @@ missing ones repeat batches from the start of the epoch, flagged as padding.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -93,44 +94,120 @@ def _rows_by_shard(shard_of: np.ndarray, count: int) -> list[np.ndarray]:
     return [order[bounds[i]: bounds[i + 1]] for i in range(count)]
 
 
-def plan_epoch(index: SplitIndex, policy: BatchPolicy, seed: int, epoch: int, *, hop: int = 320) -> list[GlobalBatch]:
-    """Every global batch of the epoch, numbered in serving order."""
-    batches: list[GlobalBatch] = []
-    for block_number, block in enumerate(epoch_blocks(index, policy, seed, epoch)):
-        if policy.max_tokens is not None:
-            groups = _token_budget_groups(index, block, policy)
-        else:
-            groups = [block[i: i + policy.batch_size] for i in range(0, len(block), policy.batch_size)]
+class EpochPlan(Sequence):
+    """An epoch's global batches in serving order, made on demand from two arrays: the sample
+    positions in serving order and where each batch starts among them. Speech crops are drawn
+    when a batch is asked for (each from its own seeded generator), so an epoch of 10 million
+    samples is planned without a Python object per batch; `plan[g]` is global batch g."""
+
+    def __init__(self, index: SplitIndex, policy: BatchPolicy, seed: int, epoch: int, hop: int,
+                 samples: np.ndarray, starts: np.ndarray) -> None:
+        self.lengths, self.policy, self.seed, self.epoch, self.hop = index.lengths, policy, seed, epoch, hop
+        self.samples, self.starts = samples, starts
+        self.crop = index.modality == "speech" and policy.crop
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def __getitem__(self, number):
+        if isinstance(number, slice):
+            return [self[g] for g in range(*number.indices(len(self)))]
+        g = int(number)
+        if g < 0:
+            g += len(self)
+        if not 0 <= g < len(self):
+            raise IndexError(f"global batch {number} of an epoch of {len(self)}")
+        group = self.samples[self.starts[g]: self.starts[g + 1]]
+        if not self.crop:
+            return GlobalBatch(g, group)
+        length, offsets = _crops(self.lengths[group], self.policy, self.hop, _rng(self.seed, self.epoch, 4, g))
+        return GlobalBatch(g, group, length, offsets)
+
+
+def plan_epoch(index: SplitIndex, policy: BatchPolicy, seed: int, epoch: int, *, hop: int = 320) -> EpochPlan:
+    """Every global batch of the epoch, numbered in serving order. Columnar: a loop over shuffle
+    blocks, never over samples or batches."""
+    blocks = epoch_blocks(index, policy, seed, epoch)
+    if policy.max_tokens is not None:
+        blocks, ends = _token_budget_ends(index, blocks, policy)
+    else:
+        ends = [np.minimum(np.arange(policy.batch_size, len(b) + policy.batch_size, policy.batch_size), len(b))
+                for b in blocks]
+    pieces, sizes = [], []
+    for block_number, (block, block_ends) in enumerate(zip(blocks, ends)):
+        group_starts = np.concatenate([[0], block_ends[:-1]]).astype(np.int64)
+        group_sizes = block_ends - group_starts
         if policy.shuffle and policy.max_tokens is not None:
-            groups = [groups[i] for i in _rng(seed, epoch, 3, block_number).permutation(len(groups))]
-        for group in groups:
-            number = len(batches)
-            if index.modality == "speech" and policy.crop:
-                length, offsets = _crops(index.lengths[group], policy, hop, _rng(seed, epoch, 4, number))
-                batches.append(GlobalBatch(number, group, length, offsets))
-            else:
-                batches.append(GlobalBatch(number, group))
-    return batches
+            order = _rng(seed, epoch, 3, block_number).permutation(len(group_sizes))
+            group_starts, group_sizes = group_starts[order], group_sizes[order]
+        # each group's positions in the block, groups in serving order
+        within = np.arange(int(group_sizes.sum())) + np.repeat(group_starts - (np.cumsum(group_sizes) - group_sizes),
+                                                               group_sizes)
+        pieces.append(block[within])
+        sizes.append(group_sizes)
+    sizes_all = np.concatenate(sizes) if sizes else np.zeros(0, np.int64)
+    samples = np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes_all)]).astype(np.int64)
+    return EpochPlan(index, policy, seed, epoch, hop, samples.astype(np.int64, copy=False), starts)
 
 
-def _token_budget_groups(index: SplitIndex, block: np.ndarray, policy: BatchPolicy) -> list[np.ndarray]:
-    lengths = index.lengths[block]
-    if policy.crop:  # training: short utterances are left out, long ones are cropped
-        keep = lengths >= policy.min_sample_size
-        block, lengths = block[keep], np.minimum(lengths[keep], policy.max_sample_size)
-    # Sorting by length keeps members alike (little is cropped away); the stable sort keeps the
-    # block's shuffled order among equal lengths.
-    order = np.argsort(lengths, kind="stable")
-    block, lengths = block[order], lengths[order]
-    groups: list[np.ndarray] = []
-    start = 0
-    for end in range(1, len(block) + 1):
-        if end - start > 1 and (end - start) * lengths[end - 1] > policy.max_tokens:
-            groups.append(block[start: end - 1])
-            start = end - 1
-    if start < len(block):
-        groups.append(block[start:])
-    return groups
+def _token_budget_ends(index: SplitIndex, blocks: list[np.ndarray],
+                       policy: BatchPolicy) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each block sorted by length (training: short utterances left out, long ones counted at
+    max_sample_size), and the ends of its batches under fairseq's rule, members x longest <=
+    max_tokens (a longer one alone), filled greedily from the shortest. The greedy fill runs for
+    all blocks at once: one step per batch of the longest block, not one per sample."""
+    sorted_blocks, sorted_lengths = [], []
+    for block in blocks:
+        lengths = index.lengths[block]
+        if policy.crop:  # training: short utterances are left out, long ones are cropped
+            keep = lengths >= policy.min_sample_size
+            block, lengths = block[keep], np.minimum(lengths[keep], policy.max_sample_size)
+        # Sorting by length keeps members alike (little is cropped away); the stable sort keeps the
+        # block's shuffled order among equal lengths.
+        order = np.argsort(lengths, kind="stable")
+        sorted_blocks.append(block[order])
+        sorted_lengths.append(lengths[order].astype(np.int64))
+    counts = np.array([len(b) for b in sorted_blocks], dtype=np.int64)
+    first = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    last = first + counts  # each block's end in the joined arrays
+    lengths = np.concatenate(sorted_lengths) if sorted_lengths else np.zeros(0, np.int64)
+    ends = greedy_group_ends(lengths, first, last, policy.max_tokens)
+    return sorted_blocks, [e - f for e, f in zip(ends, first)]
+
+
+def greedy_group_ends(lengths: np.ndarray, first: np.ndarray, last: np.ndarray, budget: int) -> list[np.ndarray]:
+    """For segments [first[b], last[b]) of ascending `lengths`: the ends of the groups that start at
+    first[b] and each take the most members m with m x their longest <= budget (at least one),
+    as positions in `lengths`; one array per segment. Vectorised over segments: each step finds
+    every segment's next end by bisection (m x longest grows with m, so the members that fit are
+    a prefix, of at most budget // shortest)."""
+    starts = first.copy()
+    found: list[tuple[np.ndarray, np.ndarray]] = []
+    safe = np.maximum(lengths, 1)
+    while True:
+        active = np.flatnonzero(starts < last)
+        if not active.size:
+            break
+        s, end = starts[active], last[active]
+        lo = s + 1
+        hi = np.minimum(end, s + np.maximum(1, budget // safe[s]))
+        while True:
+            open_ = lo < hi
+            if not open_.any():
+                break
+            mid = (lo + hi + 1) // 2
+            fits = (mid - s) * lengths[np.minimum(mid, len(lengths)) - 1] <= budget
+            lo = np.where(open_ & fits, mid, lo)
+            hi = np.where(open_ & ~fits, mid - 1, hi)
+        found.append((active, lo))
+        starts[active] = lo
+    segments = np.concatenate([a for a, _ in found]) if found else np.zeros(0, np.int64)
+    positions = np.concatenate([e for _, e in found]) if found else np.zeros(0, np.int64)
+    order = np.lexsort((positions, segments))  # by segment, then along it
+    segments, positions = segments[order], positions[order]
+    bounds = np.searchsorted(segments, np.arange(len(first) + 1))
+    return [positions[bounds[b]: bounds[b + 1]] for b in range(len(first))]
 
 
 def _crops(lengths: np.ndarray, policy: BatchPolicy, hop: int, rng: np.random.Generator) -> tuple[int, np.ndarray]:
@@ -141,14 +218,18 @@ def _crops(lengths: np.ndarray, policy: BatchPolicy, hop: int, rng: np.random.Ge
     return target, offsets
 
 
+def rank_batch_count(total: int, start: int, world_size: int, tail: str) -> int:
+    """How many batches each rank serves from global batch `start` to the epoch's end."""
+    remaining = max(0, total - start)
+    return remaining // world_size if tail == "drop" else -(-remaining // world_size)
+
+
 def rank_batch_numbers(total: int, start: int, rank: int, world_size: int, tail: str) -> list[tuple[int, bool]]:
     """(global batch number, is padding) served by `rank`, from global batch `start` to the epoch's end."""
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is outside world size {world_size}")
-    remaining = max(0, total - start)
-    rounds = remaining // world_size if tail == "drop" else -(-remaining // world_size)
     served = []
-    for j in range(rounds):
+    for j in range(rank_batch_count(total, start, world_size, tail)):
         g = start + j * world_size + rank
         served.append((g, False) if g < total else ((g - total) % max(total, 1), True))
     return served
