@@ -2,7 +2,8 @@
 Parquet index per shard of 1,000 utterances, no payload; pipelines/synthetic/scale.py) of 100k,
 1M and 10M samples, opened by the loader the trainer uses, which plans one epoch for rank 3 of 64
 and makes its first batch's read requests (the spans and checksums of its samples; the payload
-reads themselves are what bench_loader.py measures). Each size is measured in a fresh process:
+reads themselves are what bench_loader.py measures). The split is opened from its plan file (one
+read) and, for comparison, as a build without plan files would be: one read per index file. Each size is measured in a fresh process:
 seconds to open the index, to plan the epoch, to the first batch's requests, and peak RSS.
 With --s3 the largest size is also read from a local S3 server (radosgw on 127.0.0.1, as the
 tests start it; moto's server where radosgw is missing).
@@ -69,6 +70,22 @@ def _generated(out: Path, samples: int) -> str:
     return str(folder)
 
 
+def _without_plan_files(folder: str) -> str:
+    """The same dataset as a build without plan files saw it (an older d2v): every index file read."""
+    source = Path(folder)
+    older = source.with_name(source.name + "-indexes-only")
+    if not (older / "dataset.json").exists():
+        older.mkdir(exist_ok=True)
+        doc = json.loads((source / "dataset.json").read_text())
+        for split in doc["splits"].values():
+            split.pop("plan", None)
+            split.pop("plan_sha256", None)
+        if not (older / "index").exists():
+            (older / "index").symlink_to(source / "index")
+        (older / "dataset.json").write_text(json.dumps(doc))
+    return str(older)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="/tmp/d2v-planning", help="where the generated metadata is kept")
@@ -85,9 +102,11 @@ def main() -> int:
     sizes = [int(s) for s in args.sizes.split(",") if s.strip()]
     rows = []
     for samples in sizes:
-        row = {"store": "local", **_measured(_generated(out, samples))}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        folder = _generated(out, samples)
+        for store, url in (("local", folder), ("local, every index file (no plan file)", _without_plan_files(folder))):
+            row = {"store": store, **_measured(url)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     if args.s3:
         from tests.s3server import s3_server
 

@@ -31,6 +31,8 @@ from pipelines.shards import (
     index_row,
     json_bytes,
     npy_bytes,
+    plan_column_bytes,
+    read_index_column,
     read_index_footer,
     sha256_hex,
 )
@@ -38,7 +40,7 @@ from pipelines.sources.base import Encoded, Reject, Source
 from pipelines.storage import Location, check_writable, exists, is_local, join, size_or_none, write_atomic
 from schemas import SCHEMA_VERSION, Dataset, MaskConfig, ShardInfo, SplitSummary, index_schema, rejects_schema
 from schemas.arrow import JSON_SUFFIX, MASK_SUFFIX
-from schemas.dataset import AMOUNT_FIELD, DATASET_JSON
+from schemas.dataset import AMOUNT_FIELD, DATASET_JSON, PLAN_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -265,7 +267,7 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
         rejected=len(all_rejects),
         rejects_by_reason=_reason_counts(all_rejects),
         counts=counts,
-        splits=_split_summaries(results, source.modality),
+        splits=_with_plan_files(fs, root, results, _split_summaries(results, source.modality), source.modality),
         shards=[_shard_info(r, source.modality) for r in results],
         **source.dataset_fields(),
     )
@@ -294,13 +296,13 @@ def _retire_other_build(fs, root: str, fingerprint: str, echo, *, overwrite: boo
                              "output, or pass --overwrite (the flow: overwrite_dataset) to replace it")
         echo("output holds a dataset built with other inputs or parameters: replacing it and its shards")
         fs.rm_file(path)
-        for folder in ("shards", "index"):
+        for folder in ("shards", "index", "plan"):
             if fs.isdir(join(root, folder)):
                 fs.rm(join(root, folder), recursive=True)
 
 
 def _remove_stale_temp_files(fs, root: str) -> None:
-    for folder in ("shards", "index", ""):
+    for folder in ("shards", "index", "plan", ""):
         base = join(root, folder) if folder else root
         if not fs.isdir(base):
             continue
@@ -327,6 +329,20 @@ def _shard_info(r: ShardResult, modality: str) -> ShardInfo:
     amount = AMOUNT_FIELD.get(modality)
     return ShardInfo(split=r.split, name=r.tar_path, index=r.index_path, samples=r.samples, bytes=r.bytes,
                      sha256=r.sha256, **({amount: getattr(r, amount)} if amount else {}))
+
+
+def _with_plan_files(fs, root: str, results: list[ShardResult], splits: dict[str, SplitSummary],
+                     modality: str) -> dict[str, SplitSummary]:
+    """Each split's plan file (plan/{split}.parquet: the column its epochs are planned from, read
+    back from the split's index files), written before dataset.json names it."""
+    out = {}
+    for split, summary in splits.items():
+        indexes = [(r.index_path, r.samples) for r in results if r.split == split]
+        data = plan_column_bytes(read_index_column(fs, root, indexes, PLAN_COLUMN[modality]), PLAN_COLUMN[modality])
+        path = f"plan/{split}.parquet"
+        write_atomic(fs, join(root, path), data)
+        out[split] = summary.model_copy(update={"plan": path, "plan_sha256": sha256_hex(data)})
+    return out
 
 
 def _split_summaries(results: list[ShardResult], modality: str) -> dict[str, SplitSummary]:

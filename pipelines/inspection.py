@@ -6,12 +6,14 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipelines.shards import META_SHA256, read_parquet, sha256_hex
+from pipelines.shards import META_SHA256, read_index_column, read_parquet, sha256_hex
 from pipelines.storage import Location, StorageError, exists, join
 from schemas import Dataset
 from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX, payload_crc32
-from schemas.dataset import AMOUNT_FIELD, DATASET_JSON
+from schemas.dataset import AMOUNT_FIELD, DATASET_JSON, PLAN_COLUMN
 
 
 def read_dataset(location: Location) -> tuple[Dataset, object, str]:
@@ -107,7 +109,32 @@ def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
                 break
         else:
             samples += shard.samples
+    for split, summary in dataset.splits.items():
+        if summary.plan is not None and not (stop_at_first and broken):
+            try:
+                problem = _check_plan(fs, root, dataset, split)
+            except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes a reader raise
+                problem = f"cannot be checked: {type(exc).__name__}: {exc}"
+            if problem:
+                broken.append((summary.plan, " ".join(problem.split())))
     return VerifyReport(len(dataset.shards), samples, broken)
+
+
+def _check_plan(fs, root: str, dataset: Dataset, split: str) -> str | None:
+    """A split's plan file against dataset.json and the split's index files."""
+    summary, name = dataset.splits[split], PLAN_COLUMN[dataset.modality]
+    try:
+        data = fs.cat_file(join(root, summary.plan))
+    except FileNotFoundError:
+        return "plan file is missing"
+    if sha256_hex(data) != summary.plan_sha256:
+        return "sha256 differs from dataset.json"
+    planned = pq.read_table(pa.BufferReader(data), use_threads=False).column(name).to_numpy()
+    indexes = [(s.index, s.samples) for s in dataset.shards_of(split)]
+    recorded = np.concatenate([a.to_numpy() for a in read_index_column(fs, root, indexes, name)] or [np.zeros(0)])
+    if len(planned) != len(recorded) or (planned != recorded).any():
+        return f"its {name} column differs from the split's index files"
+    return None
 
 
 def _check_shard(fs, root: str, dataset: Dataset, shard) -> str | None:

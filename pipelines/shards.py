@@ -125,5 +125,35 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     return parquet.read(columns=columns, use_threads=False)
 
 
+def read_index_column(fs, root: str, indexes: list[tuple[str, int]], name: str, *, threads: int = 16,
+                      default: int | None = None) -> list[pa.Array]:
+    """Column `name` of every index file (path under `root`, rows dataset.json records), read in
+    parallel threads, in the given order; an index without the column gives `default` per row
+    (None: an error). A file whose row count differs from dataset.json's is an error naming it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def piece(item: tuple[str, int]) -> pa.Array:
+        path, rows = item
+        table = read_parquet(fs, f"{root.rstrip('/')}/{path}", [name])
+        if table.num_rows != rows:
+            raise ValueError(f"{path} has {table.num_rows} rows but dataset.json says {rows}")
+        if name in table.column_names:
+            return table.column(name).combine_chunks()
+        if default is None:
+            raise ValueError(f"{path} has no column {name!r}")
+        return pa.array(np.full(rows, default, dtype=np.int64))
+
+    with ThreadPoolExecutor(max_workers=max(1, min(threads, len(indexes)))) as pool:
+        return list(pool.map(piece, indexes))
+
+
+def plan_column_bytes(values: list[pa.Array], name: str) -> bytes:
+    """A split's plan file: the one column its epochs are planned from, every sample in shard order."""
+    table = pa.table({name: pa.concat_arrays(values) if values else pa.array([], type=pa.int64())})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer, compression="zstd")
+    return buffer.getvalue()
+
+
 def read_index_footer(fs, path: str) -> dict[bytes, bytes]:
     return dict(pq.read_schema(pa.BufferReader(fs.cat_file(path))).metadata or {})

@@ -105,12 +105,21 @@ class ShardInfo(_Strict):
 AMOUNT_FIELD = {"speech": "seconds", "text": "tokens"}
 
 
+# The index column a split's epochs are planned from, by modality: what its plan file holds
+# (speech and text: lengths; images: labels, for class-balanced subsets and the batches).
+PLAN_COLUMN = {"speech": "num_samples", "vision": "label", "text": "num_tokens"}
+
+
 class SplitSummary(_Strict):
     samples: int
     shards: int
     bytes: int
     seconds: float | None = None
     tokens: int | None = None
+    # plan/{split}.parquet: PLAN_COLUMN of every sample in shard order, so that a reader opens a
+    # split of 10,000 shards with one read instead of one per index file (absent: older builds)
+    plan: RelativePath | None = None
+    plan_sha256: Sha256 | None = None
 
 
 class Dataset(_Strict):

@@ -114,3 +114,41 @@ def test_greedy_group_ends_on_hand_made_segments():
     ends = greedy_group_ends(lengths, np.array([0, 5, 9]), np.array([5, 9, 9]), budget=6)
     # segment 0: [1,2,2] fits 3x2=6, then [5], then [9] alone (over the budget); segment 1: [3,3] then [3]
     assert [e.tolist() for e in ends] == [[3, 4, 5], [7, 8, 9], []]
+
+
+def test_a_build_writes_each_splits_plan_file_and_the_loader_opens_the_split_from_it(tmp_path):
+    """One read opens a split (the plan file, its sha256 checked); without one (an older build)
+    every index file is read instead, to the same index; verify checks the file."""
+    import json
+    import shutil
+
+    from pipelines import synthetic
+    from pipelines.build import BuildOptions, build_dataset
+    from pipelines.inspection import verify
+    from pipelines.plan import ShardSize
+    from pipelines.sources.librispeech import LibriSpeechSource
+
+    spec = synthetic.make_librispeech(str(tmp_path / "c"), {"train-clean-100": 14, "dev-clean": 4}, seed=3)
+    out = tmp_path / "d"
+    build_dataset(LibriSpeechSource(Location(spec.source), ("train-clean-100", "dev-clean")), Location(str(out)),
+                  BuildOptions(ShardSize.parse("3"), 2, 0), workers=0, echo=lambda *_: None)
+    doc = json.loads((out / "dataset.json").read_text())
+    assert doc["splits"]["train-clean-100"]["plan"] == "plan/train-clean-100.parquet"
+    assert (out / "plan" / "dev-clean.parquet").exists() and verify(Location(str(out))).ok
+    with_plan = SplitIndex.load(Location(str(out)), "train-clean-100")
+    without = tmp_path / "older"
+    shutil.copytree(out, without)
+    for split in doc["splits"].values():
+        del split["plan"], split["plan_sha256"]
+    (without / "dataset.json").write_text(json.dumps(doc))
+    shutil.rmtree(without / "plan")
+    from_indexes = SplitIndex.load(Location(str(without)), "train-clean-100")
+    assert with_plan.lengths.tolist() == from_indexes.lengths.tolist() and len(with_plan) == 14
+    policy = BatchPolicy(max_tokens=200_000, min_sample_size=8_000, max_sample_size=64_000)
+    assert _as_tuples(plan_epoch(with_plan, policy, 1, 0)) == _as_tuples(plan_epoch(from_indexes, policy, 1, 0))
+    plan_file = out / "plan" / "train-clean-100.parquet"
+    plan_file.write_bytes(plan_file.read_bytes()[:-9] + b"123456789")
+    with pytest.raises(ValueError, match="plan/train-clean-100.parquet: sha256 differs from dataset.json"):
+        SplitIndex.load(Location(str(out)), "train-clean-100")
+    report = verify(Location(str(out)))
+    assert not report.ok and report.broken == [("plan/train-clean-100.parquet", "sha256 differs from dataset.json")]

@@ -1,8 +1,9 @@
 """A split's sample table, read from dataset.json and the Parquet indexes alone (no tar is opened).
 
 Columnar and lazy, so that a split of 10 million samples in 10,000 index files is ready in
-seconds: opening it reads one column of every index file (the lengths batches are planned by,
-or the labels of images), in parallel threads; any other column is read for the whole split when
+seconds: opening it reads the split's plan file (the one column batches are planned by: lengths,
+or the labels of images; for builds without one, that column of every index file in parallel
+threads); any other column is read for the whole split when
 first asked for (`index.columns[name]`), and the loader takes the few rows a batch needs from the
 index files of their shards (`index.gather`), kept in a small cache, instead of holding every
 span of every sample. Strings stay in Arrow buffers (StringColumn), never one object per row.
@@ -12,17 +13,18 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipelines.inspection import read_dataset
-from pipelines.shards import read_parquet
+from pipelines.shards import read_index_column, read_parquet, sha256_hex
 from pipelines.storage import Location, join
 from schemas import Dataset, ShardInfo
 from schemas.arrow import LENGTH_COLUMN, index_schema
+from schemas.dataset import PLAN_COLUMN
 
 # what a column holds where an index file has none: an older build (no checksum), no labels
 _DEFAULTS = {"payload_crc32": -1, "label": -1}
@@ -93,15 +95,25 @@ class IndexFiles:
         """One column of every index file, in parallel, joined in shard order."""
         if name not in self.names:  # a column no index of this modality has
             return np.full(int(self.starts[-1]), _DEFAULTS[name], dtype=np.int64)
+        indexes = [(shard.index, shard.samples) for shard in self.shards]
+        return _as_column(read_index_column(self.fs, self.root, indexes, name, threads=self.threads,
+                                            default=_DEFAULTS.get(name)))
 
-        def piece(number: int) -> pa.Array:
-            table = self.read(number, [name])
-            if name in table.column_names:
-                return table.column(name).combine_chunks()
-            return pa.array(np.full(table.num_rows, _DEFAULTS[name], dtype=np.int64))
-
-        with ThreadPoolExecutor(max_workers=max(1, min(self.threads, len(self.shards)))) as pool:
-            return _as_column(list(pool.map(piece, range(len(self.shards)))))
+    def plan_column(self, split: str) -> np.ndarray:
+        """PLAN_COLUMN of the split: from its plan file where the build wrote one (one read, its
+        sha256 checked), else from every index file."""
+        name, summary = PLAN_COLUMN[self.dataset.modality], self.dataset.splits[split]
+        if summary.plan is None:
+            return self.column(name)
+        path = join(self.root, summary.plan)
+        data = self.fs.cat_file(path)
+        if sha256_hex(data) != summary.plan_sha256:
+            raise ValueError(f"{summary.plan}: sha256 differs from dataset.json (rebuild, or remove the file's "
+                             "entry to read every index instead)")
+        table = pq.read_table(pa.BufferReader(data), use_threads=False)
+        if table.num_rows != summary.samples:
+            raise ValueError(f"{summary.plan} has {table.num_rows} rows but dataset.json says {summary.samples}")
+        return _as_column([table.column(name).combine_chunks()])
 
     def table(self, number: int) -> pa.Table:
         """Shard `number`'s whole index (the most recently used ones cached)."""
@@ -217,17 +229,17 @@ class SplitIndex:
 
     @classmethod
     def load(cls, location: Location, split: str, *, threads: int = 16) -> SplitIndex:
-        """dataset.json and one column of every index file: the lengths batches are planned by
-        (images: their labels), read in parallel threads; the rest on first use."""
+        """dataset.json and the column batches are planned by (lengths; images: labels): from the
+        split's plan file, else from every index file in parallel threads; the rest on first use."""
         dataset, fs, root = read_dataset(location)
         shards = dataset.shards_of(split)
         files = IndexFiles(dataset, fs, root, shards, threads)
         counts = np.diff(files.starts)
         loaded: dict = {"shard": np.repeat(np.arange(len(shards), dtype=np.int32), counts)}
-        length_column = LENGTH_COLUMN.get(dataset.modality)
-        if length_column:
-            loaded["length"] = files.column(length_column)
-        else:  # images: every index file read once all the same (its row count checked), for the labels
-            loaded["label"] = files.column("label")
+        planned_by = files.plan_column(split)  # lengths; images: labels
+        if LENGTH_COLUMN.get(dataset.modality):
+            loaded["length"] = planned_by
+        else:
+            loaded["label"] = planned_by
             loaded["length"] = np.ones(len(loaded["shard"]), dtype=np.int64)
         return cls(dataset, location, split, shards, IndexColumns(files, None, loaded))

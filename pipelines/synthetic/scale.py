@@ -1,5 +1,5 @@
-"""A speech dataset's metadata at the size of real corpora, without payload: dataset.json and one
-Parquet index per shard, as a build writes them (no tar exists). Enough to time reading the
+"""A speech dataset's metadata at the size of real corpora, without payload: dataset.json, one
+Parquet index per shard and the split's plan file, as a build writes them (no tar exists). Enough to time reading the
 metadata and planning epochs at 10 million samples; a read of a sample would fail.
 
 Utterance lengths follow LibriSpeech's (1-35 s, most 10-16 s), keys its SPEAKER-CHAPTER-NNNN form;
@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipelines.shards import plan_column_bytes, sha256_hex
 from pipelines.storage import Location, join, write_atomic
 from schemas import SCHEMA_VERSION, Dataset, FrameGrid, MaskConfig, ShardInfo, SplitSummary, index_schema
 from schemas.dataset import DATASET_JSON
@@ -60,8 +61,9 @@ def make_index_only_dataset(out: str, *, shards: int, samples_per_shard: int, sp
     location = Location(out)
     fs, root = location.filesystem()
     fs.makedirs(join(root, "index"), exist_ok=True)
+    fs.makedirs(join(root, "plan"), exist_ok=True)
 
-    def write(number: int) -> ShardInfo:
+    def write(number: int) -> tuple[ShardInfo, pa.Array]:
         table = index_table(number, samples_per_shard, seed)
         buffer = io.BytesIO()
         pq.write_table(table, buffer, compression="zstd")
@@ -70,10 +72,13 @@ def make_index_only_dataset(out: str, *, shards: int, samples_per_shard: int, sp
         return ShardInfo(split=split, name=f"shards/{name}.tar", index=f"index/{name}.parquet",
                          samples=table.num_rows, bytes=int(pc.sum(table.column("sample_bytes")).as_py()),
                          sha256=hashlib.sha256(f"{seed}-{number}".encode()).hexdigest(),
-                         seconds=round(float(pc.sum(table.column("num_samples")).as_py()) / SAMPLE_RATE, 3))
+                         seconds=round(float(pc.sum(table.column("num_samples")).as_py()) / SAMPLE_RATE, 3)), \
+            table.column("num_samples").combine_chunks()
 
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        infos = list(pool.map(write, range(shards)))
+        infos, lengths = zip(*pool.map(write, range(shards)))
+    plan = plan_column_bytes(list(lengths), "num_samples")
+    write_atomic(fs, join(root, "plan", f"{split}.parquet"), plan)
     total = sum(s.samples for s in infos)
     dataset = Dataset(
         schema_version=SCHEMA_VERSION, modality="speech", source="generated:index-only", build={"seed": seed},
@@ -81,7 +86,8 @@ def make_index_only_dataset(out: str, *, shards: int, samples_per_shard: int, sp
         mask=MaskConfig(kind="span", variants=4, seed=seed, params={"mask_prob": 0.65, "mask_length": 10}),
         frame_grid=FrameGrid(), source_items=total, samples=total, rejected=0, rejects_by_reason={},
         splits={split: SplitSummary(samples=total, shards=len(infos), bytes=sum(s.bytes for s in infos),
-                                    seconds=round(sum(s.seconds for s in infos), 3))},
-        shards=infos)
+                                    seconds=round(sum(s.seconds for s in infos), 3),
+                                    plan=f"plan/{split}.parquet", plan_sha256=sha256_hex(plan))},
+        shards=list(infos))
     write_atomic(fs, join(root, DATASET_JSON), dataset.to_json().encode())
     return dataset
