@@ -109,10 +109,13 @@ def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
                 break
         else:
             samples += shard.samples
+    broken_shards = {name for name, _ in broken}
     for split, summary in dataset.splits.items():
         if summary.plan is not None and not (stop_at_first and broken):
+            # against the split's index files only where they are all intact (a broken one is reported)
+            intact = not any(s.name in broken_shards for s in dataset.shards_of(split))
             try:
-                problem = _check_plan(fs, root, dataset, split)
+                problem = _check_plan(fs, root, dataset, split, against_indexes=intact)
             except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes a reader raise
                 problem = f"cannot be checked: {type(exc).__name__}: {exc}"
             if problem:
@@ -120,8 +123,8 @@ def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
     return VerifyReport(len(dataset.shards), samples, broken)
 
 
-def _check_plan(fs, root: str, dataset: Dataset, split: str) -> str | None:
-    """A split's plan file against dataset.json and the split's index files."""
+def _check_plan(fs, root: str, dataset: Dataset, split: str, *, against_indexes: bool) -> str | None:
+    """A split's plan file against dataset.json and (`against_indexes`) the split's index files."""
     summary, name = dataset.splits[split], PLAN_COLUMN[dataset.modality]
     try:
         data = fs.cat_file(join(root, summary.plan))
@@ -130,6 +133,10 @@ def _check_plan(fs, root: str, dataset: Dataset, split: str) -> str | None:
     if sha256_hex(data) != summary.plan_sha256:
         return "sha256 differs from dataset.json"
     planned = pq.read_table(pa.BufferReader(data), use_threads=False).column(name).to_numpy()
+    if len(planned) != summary.samples:
+        return f"{len(planned)} rows, dataset.json says {summary.samples} samples"
+    if not against_indexes:
+        return None
     indexes = [(s.index, s.samples) for s in dataset.shards_of(split)]
     recorded = np.concatenate([a.to_numpy() for a in read_index_column(fs, root, indexes, name)] or [np.zeros(0)])
     if len(planned) != len(recorded) or (planned != recorded).any():
