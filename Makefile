@@ -1,5 +1,5 @@
 # The two set-up commands of the README: `make demo` and `make test`.
-.PHONY: venv demo test services bench lint
+.PHONY: venv demo test services bench bench-peers lint
 
 venv:
 	@bash scripts/bootstrap.sh
@@ -15,6 +15,10 @@ test: venv services
 
 bench: venv
 	.venv/bin/python benchmarks/run_all.py
+
+bench-peers: services
+	@bash scripts/bootstrap-peers.sh
+	.venv-peers/bin/python benchmarks/bench_loader_peers.py
 
 lint: venv
 	@.venv/bin/python -m ruff --version >/dev/null 2>&1 || .venv/bin/pip install -q ruff
