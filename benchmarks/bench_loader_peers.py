@@ -23,13 +23,19 @@ Beside it a feature table that the script checks by running each loader in W=2 r
 (torch.distributed with gloo, one process each, as torchrun starts them): every sample exactly
 once per epoch across ranks; exact mid-epoch resume (state saved after 3 batches, restored in new
 processes, the rest equals the uninterrupted epoch batch for batch); resume at world size 1 from
-a state saved at 2 (no sample lost or repeated); batches sized by an audio budget.
+a state saved at 2 (no sample lost or repeated); batches sized by an audio budget (every batch
+within d2v's budget and batch sizes vary). d2v runs these with tail="pad": the global batches that
+do not divide among the ranks are repeated to even them out and flagged as repeats (`padding`),
+which the coverage count leaves out; its default, "drop", leaves them out as drop_last does.
+A peer's refusal (its own error) is shown as "no: <its message>"; an epoch that fails in the
+throughput runs is counted beside the figure, not hidden.
 
 The peers are not d2v dependencies: `make bench-peers` installs them in .venv-peers
 (pyproject's `peers` extra, pinned against torch by constraints.txt).
 
     .venv-peers/bin/python benchmarks/bench_loader_peers.py [--utterances 1200] [--images 960]
-        [--workers 2] [--repeats 3] [--s3 | --no-s3] [--only speech,images,features] [--json OUT]
+        [--workers 2] [--repeats 3] [--s3 | --no-s3] [--only speech,images,features]
+        [--peers d2v,d2v-cache,mosaic,litdata,webdataset,lhotse] [--json OUT]
 """
 from __future__ import annotations
 
@@ -86,6 +92,8 @@ IMAGE_BATCH = 32
 GRID = FrameGrid()
 ME = psutil.Process()
 PEERS = ("d2v", "mosaic", "litdata", "webdataset", "lhotse")
+# From S3 also d2v with its local shard cache (cache_dir), the way Streaming and LitData always read
+REMOTE_ONLY = ("d2v-cache",)
 SHARD_BYTES = 1 << 26  # Streaming's default shard size and LitData's recommended chunk size
 
 
@@ -209,13 +217,14 @@ def make_loader(peer: str, workload: str, where: dict, workers: int, cache: Path
     the peer has them. `storage`: S3 credentials when `where` is remote. `tail`: d2v's policy for
     the global batches that do not divide among the ranks ("pad" repeats flagged batches)."""
     item, collate, suffix, batch = WORK[workload]
-    if peer == "d2v":
+    if peer in ("d2v", "d2v-cache"):
         rank, world = _Ranked.get()
         location = Location(where["d2v"], storage) if storage else Location(where["d2v"])
         policy = (BatchPolicy(max_tokens=MAX_TOKENS, tail=tail) if workload == "speech"
                   else BatchPolicy(batch_size=batch, tail=tail))
         return StreamingLoader(location, SPLIT if workload == "speech" else "train", policy, workers=workers,
-                               rank=rank, world_size=world, seed=seed)
+                               rank=rank, world_size=world, seed=seed,
+                               cache_dir=str(cache) if peer == "d2v-cache" else None)
     if peer == "mosaic":
         from streaming import StreamingDataLoader
         from streaming.base.util import clean_stale_shared_memory
@@ -394,7 +403,7 @@ def run_epoch(peer: str, workload: str, where_path: Path, workers: int, scratch:
 
 def throughput(workload: str, places: dict, args, scratch: Path) -> list[dict]:
     """Every (peer, place) once per repeat, interleaved, each epoch in a new process; the fastest of each."""
-    peers = [p for p in PEERS if workload == "speech" or p != "lhotse"]
+    peers = [p for p in (*PEERS, *REMOTE_ONLY) if p in args.peers and (workload == "speech" or p != "lhotse")]
     paths = {}
     for place, (where, _) in places.items():
         paths[place] = scratch / f"where-{workload}-{len(paths)}.pkl"
@@ -404,6 +413,8 @@ def throughput(workload: str, places: dict, args, scratch: Path) -> list[dict]:
     for _ in range(args.repeats):
         for place, (_, storage) in places.items():
             for peer in peers:
+                if peer in REMOTE_ONLY and storage is None:
+                    continue
                 try:
                     m = run_epoch(peer, workload, paths[place], args.workers, scratch, storage)
                 except RuntimeError as exc:  # recorded in the table: a failing peer does not end the run
@@ -553,7 +564,7 @@ def run(args, root: Path, server) -> dict:
         if workload in args.only:
             results["rows"] += throughput(workload, places, args, root)
         if workload == "speech" and "features" in args.only:
-            for peer in PEERS:
+            for peer in (p for p in PEERS if p in args.peers):
                 results["features"][peer] = feature_checks(peer, formats, root / "features", args.workers,
                                                            formats["keys"])
     return results
@@ -597,6 +608,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--s3", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--only", default="speech,images,features")
+    parser.add_argument("--peers", default=",".join((*PEERS, *REMOTE_ONLY)))
     parser.add_argument("--json", default=None)
     parser.add_argument("--rank-job", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--epoch-job", default=None, help=argparse.SUPPRESS)
@@ -605,7 +617,7 @@ def main() -> None:
         return rank_job(args.rank_job)
     if args.epoch_job:
         return epoch_job(args.epoch_job)
-    args.only = set(args.only.split(","))
+    args.only, args.peers = set(args.only.split(",")), set(args.peers.split(","))
     versions = {name: importlib.metadata.version(dist) for name, dist in
                 (("torch", "torch"), ("mosaicml-streaming", "mosaicml-streaming"), ("litdata", "litdata"),
                  ("webdataset", "webdataset"), ("lhotse", "lhotse"))}
