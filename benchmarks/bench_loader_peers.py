@@ -354,11 +354,22 @@ class PeakMemory:
         self.peak = max(self.peak, self.now())
 
 
+def tree_cpu_s() -> float:
+    """CPU seconds of this process and its live children (workers, their curl pipes), not the store's."""
+    total = 0.0
+    for process in (ME, *ME.children(recursive=True)):
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            total += times.user + times.system + times.children_user + times.children_system
+    return total
+
+
 def epoch(peer: str, workload: str, where: dict, workers: int, scratch: Path, storage: dict | None) -> dict:
     """One epoch from a new loader: seconds, time to first batch, units, peak memory above the start."""
     cache = Path(tempfile.mkdtemp(dir=scratch))
     gc.collect()
     with PeakMemory() as memory:
+        cpu = tree_cpu_s()
         started = time.perf_counter()
         loader = make_loader(peer, workload, where, workers, cache, storage)
         first, units, decoded, samples = None, 0.0, 0.0, 0
@@ -372,10 +383,13 @@ def epoch(peer: str, workload: str, where: dict, workers: int, scratch: Path, st
             else:
                 units += len(batch["keys"])
         seconds = time.perf_counter() - started
+        cpu = tree_cpu_s() - cpu
+        requests = loader.reader.stats.requests if isinstance(loader, StreamingLoader) else None
         close(loader)
         del loader
     shutil.rmtree(cache, ignore_errors=True)
     return {"seconds": seconds, "first_batch_s": first, "units": units, "decoded": decoded, "samples": samples,
+            "store_requests": requests, "cpu_s": cpu,
             "peak_pss_mb": (memory.peak - memory.before) / 2**20}
 
 
@@ -432,7 +446,8 @@ def throughput(workload: str, places: dict, args, scratch: Path) -> list[dict]:
                      "per_worker": round(rate / args.workers, 1),
                      "decoded_rate": round(m["decoded"] / m["seconds"], 1) if workload == "speech" else None,
                      "samples": m["samples"], "first_batch_s": round(m["first_batch_s"], 2),
-                     "peak_pss_mb": round(m["peak_pss_mb"]),
+                     "peak_pss_mb": round(m["peak_pss_mb"]), "store_requests": m.get("store_requests"),
+                     "cpu_s": round(m["cpu_s"], 1) if "cpu_s" in m else None,
                      "failed_epochs": list(failed.get((peer, place), ()))})
     rows += [{"workload": workload, "place": place, "peer": peer, "workers": args.workers, "failed_epochs": list(errors)}
              for (peer, place), errors in failed.items() if (peer, place) not in best]
