@@ -509,7 +509,7 @@ def feature_checks(peer: str, where: dict, scratch: Path, workers: int, keys: li
     out: dict = {}
     full = run_ranks(peer, 2, where_path, scratch, workers, "full")
     seen = collections.Counter(k for rank in full for b in rank if not b["repeat"] for k in b["keys"])
-    out["every sample once per epoch across ranks"] = (set(seen) == set(keys) and set(seen.values()) == {1})
+    out["every sample once per epoch across ranks"] = once(seen, keys)
     batches = [b for rank in full for b in rank]
     sizes = {len(b["keys"]) for b in batches}
     within = all(sum(b["lengths"]) <= MAX_TOKENS for b in batches)
@@ -530,10 +530,17 @@ def feature_checks(peer: str, where: dict, scratch: Path, workers: int, keys: li
         (alone,) = run_ranks(peer, 1, where_path, scratch, workers, "elastic", state_in=str(state[0]))
         done = collections.Counter(k for rank in head for b in rank if not b["repeat"] for k in b["keys"])
         done.update(k for b in alone if not b["repeat"] for k in b["keys"])
-        out["resume at another world size"] = set(done) == set(keys) and set(done.values()) == {1}
+        out["resume at another world size"] = once(done, keys)
     except RuntimeError as exc:
         out["resume at another world size"] = refusal(exc)
     return out
+
+
+def once(seen: collections.Counter, keys: list[str]) -> bool | str:
+    """True when every key was served exactly once, else what was missing or repeated."""
+    missing = sum(1 for k in keys if k not in seen)
+    repeated = sum(n - 1 for n in seen.values() if n > 1)
+    return True if not missing and not repeated else f"no: {missing} missing, {repeated} repeated"
 
 
 def refusal(exc: Exception) -> str:
