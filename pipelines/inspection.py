@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.shards import META_SHA256, read_index_column, read_parquet, sha256_hex
+from pipelines.shards import META_SHA256, read_parquet, sha256_hex
 from pipelines.storage import Location, StorageError, exists, join
 from schemas import Dataset
 from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX, payload_crc32
@@ -98,9 +98,10 @@ def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
     dataset, fs, root = read_dataset(location)
     broken: list[tuple[str, str]] = []
     samples = 0
+    planned_by: dict[str, np.ndarray] = {}  # each intact index's plan column, for the plan files' check
     for shard in dataset.shards:
         try:
-            problem = _check_shard(fs, root, dataset, shard)
+            problem = _check_shard(fs, root, dataset, shard, planned_by)
         except Exception as exc:  # noqa: BLE001 - whatever a damaged shard makes a reader raise
             problem = f"cannot be checked: {type(exc).__name__}: {exc}"
         if problem:
@@ -115,7 +116,7 @@ def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
             # against the split's index files only where they are all intact (a broken one is reported)
             intact = not any(s.name in broken_shards for s in dataset.shards_of(split))
             try:
-                problem = _check_plan(fs, root, dataset, split, against_indexes=intact)
+                problem = _check_plan(fs, root, dataset, split, planned_by if intact else None)
             except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes a reader raise
                 problem = f"cannot be checked: {type(exc).__name__}: {exc}"
             if problem:
@@ -123,8 +124,9 @@ def verify(location: Location, *, stop_at_first: bool = False) -> VerifyReport:
     return VerifyReport(len(dataset.shards), samples, broken)
 
 
-def _check_plan(fs, root: str, dataset: Dataset, split: str, *, against_indexes: bool) -> str | None:
-    """A split's plan file against dataset.json and (`against_indexes`) the split's index files."""
+def _check_plan(fs, root: str, dataset: Dataset, split: str, planned_by: dict | None) -> str | None:
+    """A split's plan file against dataset.json and, given `planned_by` (the plan column of each
+    intact index, as the shard checks read it), against the split's index files."""
     summary, name = dataset.splits[split], PLAN_COLUMN[dataset.modality]
     try:
         data = fs.cat_file(join(root, summary.plan))
@@ -135,16 +137,19 @@ def _check_plan(fs, root: str, dataset: Dataset, split: str, *, against_indexes:
     planned = pq.read_table(pa.BufferReader(data), use_threads=False).column(name).to_numpy()
     if len(planned) != summary.samples:
         return f"{len(planned)} rows, dataset.json says {summary.samples} samples"
-    if not against_indexes:
+    if planned_by is None:
         return None
-    indexes = [(s.index, s.samples) for s in dataset.shards_of(split)]
-    recorded = np.concatenate([a.to_numpy() for a in read_index_column(fs, root, indexes, name)] or [np.zeros(0)])
+    shards = dataset.shards_of(split)
+    if any(s.name not in planned_by for s in shards):  # an index without the column
+        return f"the split's index files have no {name} column"
+    recorded = np.concatenate([planned_by[s.name] for s in shards] or [np.zeros(0)])
     if len(planned) != len(recorded) or (planned != recorded).any():
         return f"its {name} column differs from the split's index files"
     return None
 
 
-def _check_shard(fs, root: str, dataset: Dataset, shard) -> str | None:
+def _check_shard(fs, root: str, dataset: Dataset, shard, planned_by: dict[str, np.ndarray]) -> str | None:
+    """`shard`'s problem, or None; an intact shard's plan column goes into `planned_by`."""
     try:
         data = fs.cat_file(join(root, shard.name))
     except FileNotFoundError:
@@ -198,4 +203,6 @@ def _check_shard(fs, root: str, dataset: Dataset, shard) -> str | None:
             return f"mask of {key} has shape {mask.shape} {mask.dtype}, expected ({dataset.mask.variants}, {row['mask_length']}) bool"
     if expected_members != len(members):
         return f"tar holds {len(members) - expected_members} member(s) the index does not name"
+    if PLAN_COLUMN[dataset.modality] in table.column_names:
+        planned_by[shard.name] = table.column(PLAN_COLUMN[dataset.modality]).to_numpy()
     return None

@@ -125,6 +125,13 @@ def read_parquet(fs, path: str, columns: list[str] | None = None) -> pa.Table:
     return parquet.read(columns=columns, use_threads=False)
 
 
+def check_rows(path: str, table: pa.Table, rows: int) -> pa.Table:
+    """`table`, read from `path`, if it has the rows dataset.json records; else an error naming it."""
+    if table.num_rows != rows:
+        raise ValueError(f"{path} has {table.num_rows} rows but dataset.json says {rows}")
+    return table
+
+
 def read_index_column(fs, root: str, indexes: list[tuple[str, int]], name: str, *, threads: int = 16,
                       default: int | None = None) -> list[pa.Array]:
     """Column `name` of every index file (path under `root`, rows dataset.json records), read in
@@ -134,9 +141,7 @@ def read_index_column(fs, root: str, indexes: list[tuple[str, int]], name: str, 
 
     def piece(item: tuple[str, int]) -> pa.Array:
         path, rows = item
-        table = read_parquet(fs, f"{root.rstrip('/')}/{path}", [name])
-        if table.num_rows != rows:
-            raise ValueError(f"{path} has {table.num_rows} rows but dataset.json says {rows}")
+        table = check_rows(path, read_parquet(fs, f"{root.rstrip('/')}/{path}", [name]), rows)
         if name in table.column_names:
             return table.column(name).combine_chunks()
         if default is None:

@@ -152,3 +152,18 @@ def test_a_build_writes_each_splits_plan_file_and_the_loader_opens_the_split_fro
         SplitIndex.load(Location(str(out)), "train-clean-100")
     report = verify(Location(str(out)))
     assert not report.ok and report.broken == [("plan/train-clean-100.parquet", "sha256 differs from dataset.json")]
+    # a plan file that disagrees with the index files, its sha256 recorded: caught by the comparison
+    import pyarrow as pa
+
+    from pipelines.shards import plan_column_bytes, sha256_hex
+    from schemas.dataset import PLAN_COLUMN
+    name = PLAN_COLUMN["speech"]
+    changed = np.array(with_plan.lengths, dtype=np.int64)
+    changed[0] += 320
+    data = plan_column_bytes([pa.array(changed)], name)
+    plan_file.write_bytes(data)
+    doc = json.loads((out / "dataset.json").read_text())
+    doc["splits"]["train-clean-100"]["plan_sha256"] = sha256_hex(data)
+    (out / "dataset.json").write_text(json.dumps(doc))
+    assert verify(Location(str(out))).broken == [
+        ("plan/train-clean-100.parquet", f"its {name} column differs from the split's index files")]

@@ -20,7 +20,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.inspection import read_dataset
-from pipelines.shards import read_index_column, read_parquet, sha256_hex
+from pipelines.shards import check_rows, read_index_column, read_parquet, sha256_hex
 from pipelines.storage import Location, join
 from schemas import Dataset, ShardInfo
 from schemas.arrow import LENGTH_COLUMN, index_schema
@@ -86,10 +86,7 @@ class IndexFiles:
 
     def read(self, number: int, columns: list[str] | None = None) -> pa.Table:
         shard = self.shards[number]
-        table = read_parquet(self.fs, join(self.root, shard.index), columns)
-        if table.num_rows != shard.samples:
-            raise ValueError(f"{shard.index} has {table.num_rows} rows but dataset.json says {shard.samples}")
-        return table
+        return check_rows(shard.index, read_parquet(self.fs, join(self.root, shard.index), columns), shard.samples)
 
     def column(self, name: str) -> np.ndarray | StringColumn:
         """One column of every index file, in parallel, joined in shard order."""
@@ -110,9 +107,7 @@ class IndexFiles:
         if sha256_hex(data) != summary.plan_sha256:
             raise ValueError(f"{summary.plan}: sha256 differs from dataset.json (rebuild, or remove the file's "
                              "entry to read every index instead)")
-        table = pq.read_table(pa.BufferReader(data), use_threads=False)
-        if table.num_rows != summary.samples:
-            raise ValueError(f"{summary.plan} has {table.num_rows} rows but dataset.json says {summary.samples}")
+        table = check_rows(summary.plan, pq.read_table(pa.BufferReader(data), use_threads=False), summary.samples)
         return _as_column([table.column(name).combine_chunks()])
 
     def table(self, number: int) -> pa.Table:
