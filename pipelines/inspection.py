@@ -6,10 +6,8 @@ import tarfile
 from dataclasses import dataclass
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from pipelines.shards import META_SHA256, read_parquet, sha256_hex
+from pipelines.shards import META_SHA256, PlanFileError, read_parquet, read_plan_column, sha256_hex
 from pipelines.storage import Location, StorageError, exists, join
 from schemas import Dataset
 from schemas.arrow import DATA_SUFFIX, JSON_SUFFIX, MASK_SUFFIX, payload_crc32
@@ -129,14 +127,11 @@ def _check_plan(fs, root: str, dataset: Dataset, split: str, planned_by: dict | 
     intact index, as the shard checks read it), against the split's index files."""
     summary, name = dataset.splits[split], PLAN_COLUMN[dataset.modality]
     try:
-        data = fs.cat_file(join(root, summary.plan))
+        planned = read_plan_column(fs, root, summary, name).to_numpy()
     except FileNotFoundError:
         return "plan file is missing"
-    if sha256_hex(data) != summary.plan_sha256:
-        return "sha256 differs from dataset.json"
-    planned = pq.read_table(pa.BufferReader(data), use_threads=False).column(name).to_numpy()
-    if len(planned) != summary.samples:
-        return f"{len(planned)} rows, dataset.json says {summary.samples} samples"
+    except PlanFileError as exc:
+        return str(exc)
     if planned_by is None:
         return None
     shards = dataset.shards_of(split)

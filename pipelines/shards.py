@@ -152,6 +152,22 @@ def read_index_column(fs, root: str, indexes: list[tuple[str, int]], name: str, 
         return list(pool.map(piece, indexes))
 
 
+class PlanFileError(ValueError):
+    """A split's plan file disagrees with dataset.json (the message says how, not where)."""
+
+
+def read_plan_column(fs, root: str, summary, name: str) -> pa.Array:
+    """Column `name` of a split's plan file (`summary`: its SplitSummary), checked against the sha256
+    and sample count dataset.json records; FileNotFoundError where the file is missing."""
+    data = fs.cat_file(f"{root.rstrip('/')}/{summary.plan}")
+    if sha256_hex(data) != summary.plan_sha256:
+        raise PlanFileError("sha256 differs from dataset.json")
+    table = pq.read_table(pa.BufferReader(data), use_threads=False)
+    if table.num_rows != summary.samples:
+        raise PlanFileError(f"{table.num_rows} rows, dataset.json says {summary.samples} samples")
+    return table.column(name).combine_chunks()
+
+
 def plan_column_bytes(values: list[pa.Array], name: str) -> bytes:
     """A split's plan file: the one column its epochs are planned from, every sample in shard order."""
     table = pa.table({name: pa.concat_arrays(values) if values else pa.array([], type=pa.int64())})

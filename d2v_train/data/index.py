@@ -17,10 +17,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.inspection import read_dataset
-from pipelines.shards import check_rows, read_index_column, read_parquet, sha256_hex
+from pipelines.shards import PlanFileError, check_rows, read_index_column, read_parquet, read_plan_column
 from pipelines.storage import Location, join
 from schemas import Dataset, ShardInfo
 from schemas.arrow import LENGTH_COLUMN, index_schema
@@ -102,13 +101,11 @@ class IndexFiles:
         name, summary = PLAN_COLUMN[self.dataset.modality], self.dataset.splits[split]
         if summary.plan is None:
             return self.column(name)
-        path = join(self.root, summary.plan)
-        data = self.fs.cat_file(path)
-        if sha256_hex(data) != summary.plan_sha256:
-            raise ValueError(f"{summary.plan}: sha256 differs from dataset.json (rebuild, or remove the file's "
-                             "entry to read every index instead)")
-        table = check_rows(summary.plan, pq.read_table(pa.BufferReader(data), use_threads=False), summary.samples)
-        return _as_column([table.column(name).combine_chunks()])
+        try:
+            return _as_column([read_plan_column(self.fs, self.root, summary, name)])
+        except PlanFileError as exc:
+            raise ValueError(f"{summary.plan}: {exc} (rebuild, or remove the file's entry to read every index "
+                             "instead)") from None
 
     def table(self, number: int) -> pa.Table:
         """Shard `number`'s whole index (the most recently used ones cached)."""
