@@ -46,20 +46,16 @@ import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import soundfile  # noqa: E402
 import torch  # noqa: E402
+from corpora import SPEECH_SPLIT as SPLIT  # noqa: E402
+from corpora import image_corpus, speech_corpus  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from d2v_train.data.decode import decode_image, decode_speech  # noqa: E402
 from d2v_train.data.loader import StreamingLoader  # noqa: E402
 from d2v_train.data.plan import BatchPolicy  # noqa: E402
-from pipelines import synthetic  # noqa: E402
-from pipelines.build import BuildOptions, build_dataset  # noqa: E402
-from pipelines.plan import ShardSize  # noqa: E402
-from pipelines.sources.imagenet import ImageNetSource  # noqa: E402
-from pipelines.sources.librispeech import LibriSpeechSource  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
 from schemas import FrameGrid  # noqa: E402
 
-SPLIT = "train-clean-100"
 RATE = 16_000
 MAX_TOKENS = 1_400_000  # `d2v data stream`'s default: ~8 utterances of 10 s
 EVAL_BATCH = 8  # about the same audio per batch, for evaluation and the baseline
@@ -168,11 +164,7 @@ def d2v_speech_epoch(loader: StreamingLoader):
 
 
 def speech(root: Path, args, server) -> list[dict]:
-    spec = synthetic.make_librispeech(str(root / "speech-src"), {SPLIT: args.utterances}, seed=0,
-                                      seconds=(5.0, 15.0), speakers=4, chapters_per_speaker=4)
-    data = root / "speech"
-    build_dataset(LibriSpeechSource(Location(spec.source), (SPLIT,)), Location(str(data)),
-                  BuildOptions(ShardSize.parse("100"), 4, 0), workers=0, echo=lambda *_: None)
+    spec, data = speech_corpus(root, args.utterances)
     flacs = [f for f in spec.files if f.endswith(".flac")]
     blobs = [Path(f).read_bytes() for f in flacs]
     grid = FrameGrid()
@@ -266,11 +258,7 @@ def stack_collate(items):
 
 
 def images(root: Path, args) -> list[dict]:
-    spec = synthetic.make_imagenet(str(root / "images-src"), classes=8, train_per_class=args.images // 8,
-                                   val_per_class=0, size_range=(400, 500), seed=0)
-    data = root / "images"
-    build_dataset(ImageNetSource(Location(spec.source), ("train",)), Location(str(data)),
-                  BuildOptions(ShardSize.parse("128"), 4, 0), workers=0, echo=lambda *_: None)
+    spec, data = image_corpus(root, args.images)
     jpegs = [f for f in spec.files if f.endswith(".JPEG")]
     blobs = [Path(f).read_bytes() for f in jpegs]
     mask = npy(np.zeros((1, 196), dtype=bool))

@@ -70,20 +70,17 @@ if importlib.util.find_spec("torchvision") is None:
 
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
+import soundfile  # noqa: E402
 import torch  # noqa: E402
+from corpora import SPEECH_SPLIT as SPLIT  # noqa: E402
+from corpora import image_corpus, speech_corpus  # noqa: E402
 
 from d2v_train.data.decode import decode_image, decode_speech  # noqa: E402
 from d2v_train.data.loader import StreamingLoader  # noqa: E402
 from d2v_train.data.plan import BatchPolicy  # noqa: E402
-from pipelines import synthetic  # noqa: E402
-from pipelines.build import BuildOptions, build_dataset  # noqa: E402
-from pipelines.plan import ShardSize  # noqa: E402
-from pipelines.sources.imagenet import ImageNetSource  # noqa: E402
-from pipelines.sources.librispeech import LibriSpeechSource  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
 from schemas import FrameGrid  # noqa: E402
 
-SPLIT = "train-clean-100"
 RATE = 16_000
 MAX_TOKENS = 1_400_000  # d2v's default training budget: ~8 utterances of 10 s
 MAX_SAMPLE = 320_000  # longer crops are cut to this (d2v's max_sample_size)
@@ -103,9 +100,9 @@ def speech_item(key: str, flac: bytes, mask: bytes) -> dict:
     return {"key": key, "wave": wave, "frames": frames}
 
 
-def speech_collate(items: list[dict], rng: np.random.Generator | None = None) -> dict:
+def speech_collate(items: list[dict]) -> dict:
     """Crop every member to the shortest at a random offset (a multiple of the hop), as d2v's training."""
-    rng = rng or np.random.default_rng()
+    rng = np.random.default_rng()
     length = min(min(i["wave"].size for i in items), MAX_SAMPLE)
     hop, crops, masks = GRID.hop, [], []
     for item in items:
@@ -171,7 +168,9 @@ def write_formats(workload: str, data: Path, root: Path) -> dict:
         cuts.to_shar(str(shar), fields={"recording": "flac"}, shard_size=1000)
         out["lhotse"] = str(shar)
         out["lhotse_bins"] = estimate_duration_buckets(cuts, num_buckets=10)
+        out["lhotse_shards"] = len(list(shar.glob("cuts.*.jsonl.gz")))
         out["masks"] = {k: m for k, _, m in samples}
+        out["lengths"] = {k: soundfile.info(io.BytesIO(p)).frames for k, p, _ in samples}
     return out
 
 
@@ -180,7 +179,7 @@ def _litdata_item(item):
     return {"key": key, "data": payload, "mask": mask}
 
 
-def upload(server, bucket: str, formats: dict, root: Path) -> dict:
+def upload(server, bucket: str, formats: dict) -> dict:
     """The same files on the S3 server; returns the formats' remote locations."""
     fs = server.filesystem()
     remote = dict(formats)
@@ -201,14 +200,11 @@ def upload(server, bucket: str, formats: dict, root: Path) -> dict:
 
 
 # -- each peer's loader -------------------------------------------------------------------------
-class _Ranked:
+def rank_and_world() -> tuple[int, int]:
     """Rank and world size as the peers see them (torch.distributed when started, else 0 of 1)."""
-
-    @staticmethod
-    def get() -> tuple[int, int]:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            return torch.distributed.get_rank(), torch.distributed.get_world_size()
-        return 0, 1
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
 
 
 def make_loader(peer: str, workload: str, where: dict, workers: int, cache: Path, storage: dict | None,
@@ -218,7 +214,7 @@ def make_loader(peer: str, workload: str, where: dict, workers: int, cache: Path
     the global batches that do not divide among the ranks ("pad" repeats flagged batches)."""
     item, collate, suffix, batch = WORK[workload]
     if peer in ("d2v", "d2v-cache"):
-        rank, world = _Ranked.get()
+        rank, world = rank_and_world()
         location = Location(where["d2v"], storage) if storage else Location(where["d2v"])
         policy = (BatchPolicy(max_tokens=MAX_TOKENS, tail=tail) if workload == "speech"
                   else BatchPolicy(batch_size=batch, tail=tail))
@@ -260,8 +256,7 @@ def make_loader(peer: str, workload: str, where: dict, workers: int, cache: Path
     if peer == "lhotse":
         from lhotse import CutSet
         from lhotse.dataset import DynamicBucketingSampler
-        base = where["lhotse"]
-        n = len(list(Path(base).glob("cuts.*.jsonl.gz"))) if not storage else where["lhotse_shards"]
+        base, n = where["lhotse"], where["lhotse_shards"]
         fields = {"cuts": [f"{base}/cuts.{i:06d}.jsonl.gz" for i in range(n)],
                   "recording": [f"{base}/recording.{i:06d}.tar" for i in range(n)]}
         cuts = CutSet.from_shar(fields=fields)
@@ -502,8 +497,9 @@ def run_ranks(peer: str, world: int, where_path: Path, scratch: Path, workers: i
     return [json.loads(Path(spec["out"].format(rank=r)).read_text()) for r in range(world)]
 
 
-def feature_checks(peer: str, where: dict, scratch: Path, workers: int, keys: list[str]) -> dict:
+def feature_checks(peer: str, where: dict, scratch: Path, workers: int) -> dict:
     """The four checks for one peer; a value is True/False, or a reason it cannot be checked."""
+    keys = where["keys"]
     where_path = scratch / "where.pkl"
     where_path.write_bytes(pickle.dumps(where))
     out: dict = {}
@@ -553,19 +549,9 @@ def refusal(exc: Exception) -> str:
 def make_corpora(root: Path, args) -> dict:
     corpora = {}
     if "speech" in args.only or "features" in args.only:
-        spec = synthetic.make_librispeech(str(root / "speech-src"), {SPLIT: args.utterances}, seed=0,
-                                          seconds=(5.0, 15.0), speakers=4, chapters_per_speaker=4)
-        data = root / "speech"
-        build_dataset(LibriSpeechSource(Location(spec.source), (SPLIT,)), Location(str(data)),
-                      BuildOptions(ShardSize.parse("100"), 4, 0), workers=0, echo=lambda *_: None)
-        corpora["speech"] = data
+        corpora["speech"] = speech_corpus(root, args.utterances)[1]
     if "images" in args.only:
-        spec = synthetic.make_imagenet(str(root / "images-src"), classes=8, train_per_class=args.images // 8,
-                                       val_per_class=0, size_range=(400, 500), seed=0)
-        data = root / "images"
-        build_dataset(ImageNetSource(Location(spec.source), ("train",)), Location(str(data)),
-                      BuildOptions(ShardSize.parse("128"), 4, 0), workers=0, echo=lambda *_: None)
-        corpora["images"] = data
+        corpora["images"] = image_corpus(root, args.images)[1]
     return corpora
 
 
@@ -574,21 +560,16 @@ def run(args, root: Path, server) -> dict:
     corpora = make_corpora(root, args)
     for workload, data in corpora.items():
         formats = write_formats(workload, data, root / f"{workload}-formats")
-        if workload == "speech":
-            import soundfile
-            formats["lengths"] = {k: soundfile.info(io.BytesIO(p)).frames for k, p, _ in d2v_samples(data, "flac")}
         places = {"local": (formats, None)}
         if server is not None and args.s3:
             bucket = server.make_bucket()
-            remote = upload(server, bucket, formats, root)
-            remote["lhotse_shards"] = len(list(Path(formats["lhotse"]).glob("cuts.*"))) if "lhotse" in formats else 0
+            remote = upload(server, bucket, formats)
             places[f"S3 ({server.kind})"] = (remote, server.storage_options())
         if workload in args.only:
             results["rows"] += throughput(workload, places, args, root)
         if workload == "speech" and "features" in args.only:
             for peer in (p for p in PEERS if p in args.peers):
-                results["features"][peer] = feature_checks(peer, formats, root / "features", args.workers,
-                                                           formats["keys"])
+                results["features"][peer] = feature_checks(peer, formats, root / "features", args.workers)
     return results
 
 
