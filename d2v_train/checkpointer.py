@@ -23,7 +23,7 @@ from d2v_train.config import TrainConfig
 
 # What a resumed run must share with its checkpoint: the model, and the settings the epoch plan is
 # a function of (the dataset's URL may move, the world size may change: elastic resume).
-_PLAN_FIELDS = ("split", "max_tokens", "batch_size", "min_sample_size", "max_sample_size", "shuffle_block")
+_PLAN_FIELDS = ("split", "splits", "sources", "max_tokens", "batch_size", "min_sample_size", "max_sample_size", "shuffle_block")
 
 
 def check_resumable(cfg: TrainConfig, folder: str) -> None:

@@ -11,6 +11,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from d2v_train.data.mix import MixPart
 from d2v_train.data.plan import BatchPolicy, check_batch_settings
 from d2v_train.data.transforms import ImageTransform
 from d2v_train.models.config import ModelConfig
@@ -22,9 +23,27 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class DataConfig(_Strict):
+class SourceConfig(_Strict):
+    """One part of a mix (data.sources): a split of a dataset, with a weight or a repeat count."""
+
     url: str  # the dataset (folder holding dataset.json), any fsspec URL
     split: str = "train"
+    weight: float | None = Field(None, gt=0)  # share of each epoch's samples, relative to the others'
+    repeat: float | None = Field(None, gt=0)  # times each sample appears per epoch (0.5: a seeded half)
+    name: str | None = None  # in metrics (default: the split, or URL#split)
+
+    @model_validator(mode="after")
+    def _one_rule(self) -> SourceConfig:
+        if self.weight is not None and self.repeat is not None:
+            raise ValueError("give weight or repeat, not both")
+        return self
+
+
+class DataConfig(_Strict):
+    url: str | None = None  # the dataset (folder holding dataset.json), any fsspec URL
+    split: str = "train"
+    splits: list[str] | None = None  # several splits of data.url in one run (instead of data.split)
+    sources: list[SourceConfig] | None = None  # several datasets mixed (instead of data.url)
     max_tokens: int | None = Field(None, gt=0)  # speech: audio samples per batch (per rank)
     batch_size: int | None = Field(None, gt=0)  # images, text (per rank)
     min_sample_size: int = BatchPolicy.min_sample_size
@@ -43,6 +62,43 @@ class DataConfig(_Strict):
     def _image_transform(cls, value, info):
         ImageTransform(**{info.field_name: value})  # the loader's own check
         return value
+
+    @model_validator(mode="after")
+    def _one_way_to_name_the_data(self) -> DataConfig:
+        if self.sources is not None:
+            if self.url is not None or self.splits is not None:
+                raise ValueError("data.sources names every dataset of the mix: leave out data.url and data.splits")
+            if not self.sources:
+                raise ValueError("data.sources: name at least one source")
+            weighted = [s.weight is not None for s in self.sources]
+            if any(weighted) and not all(weighted):
+                raise ValueError("data.sources: give every source a weight, or none (then each one's repeat "
+                                 "count applies, default 1)")
+        elif self.url is None:
+            raise ValueError("data.url: the dataset to train on is missing (or give data.sources)")
+        if self.splits is not None and (not self.splits or len(set(self.splits)) != len(self.splits)):
+            raise ValueError("data.splits: name one or more different splits")
+        return self
+
+    def mix(self) -> list[MixPart] | None:
+        """The parts of a mix (several splits or datasets), or None for one split of one dataset."""
+        if self.sources is not None:
+            return [MixPart(s.url, s.split, s.weight, s.repeat, s.name) for s in self.sources]
+        if self.splits is not None:
+            return [MixPart(self.url, split) for split in self.splits]
+        return None
+
+    @property
+    def urls(self) -> list[str]:
+        """Every dataset the run reads, the first one first."""
+        return list(dict.fromkeys(s.url for s in self.sources)) if self.sources is not None else [self.url]
+
+    @property
+    def describe(self) -> str:
+        """The data in one phrase, for messages."""
+        if self.sources is not None:
+            return " + ".join(f"{s.url}#{s.split}" for s in self.sources)
+        return f"{self.url}#{'+'.join(self.splits) if self.splits else self.split}"
 
     @model_validator(mode="after")
     def _batch_plan(self) -> DataConfig:

@@ -93,4 +93,4 @@ def _batch(cfg: TrainConfig, path: str) -> dict:
     from d2v_train.data.modalities import MODALITIES
 
     fs, file_path = Location(path).filesystem()
-    return MODALITIES[cfg.model.modality].single_input(fs.cat_file(file_path), path, cfg.model, cfg.data.url)
+    return MODALITIES[cfg.model.modality].single_input(fs.cat_file(file_path), path, cfg.model, cfg.data.urls[0])

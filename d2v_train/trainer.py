@@ -28,7 +28,7 @@ from d2v_train.config import TrainConfig
 from d2v_train.data.batches import Batch
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.transforms import ImageTransform
-from d2v_train.distributed import World, init_world, prepare_blocks, shard
+from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
 from d2v_train.guards import StepGuard, TrainingStopped  # noqa: F401 - TrainingStopped: what train() may raise
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
 from d2v_train.models.objectives import build_model
@@ -71,7 +71,7 @@ class Trainer:
         data = cfg.data
         self._check_dataset_fits_the_model()
         policy = data.policy()
-        self.loader = StreamingLoader(data.url, data.split, policy, rank=self.world.rank,
+        self.loader = StreamingLoader(data.url, data.split, policy, mix=data.mix(), rank=self.world.rank,
                                       world_size=self.world.size, seed=cfg.train.seed, workers=data.workers,
                                       io_threads=data.io_threads, cache_dir=data.cache_dir,
                                       skip_bad_shards=data.skip_bad_shards,
@@ -102,13 +102,15 @@ class Trainer:
         from pipelines.inspection import read_dataset
         from pipelines.storage import Location
 
-        dataset, _, _ = read_dataset(Location(self.cfg.data.url))
         model = self.cfg.model
-        if dataset.modality != model.modality:
-            raise ValueError(f"data.url: {self.cfg.data.url} holds {dataset.modality} shards; the model is {model.modality}")
-        why = model.frontend.dataset_mismatch(dataset)
-        if why:
-            raise ValueError(why)
+        field = "data.sources" if self.cfg.data.sources is not None else "data.url"
+        for url in self.cfg.data.urls:
+            dataset, _, _ = read_dataset(Location(url))
+            if dataset.modality != model.modality:
+                raise ValueError(f"{field}: {url} holds {dataset.modality} shards; the model is {model.modality}")
+            why = model.frontend.dataset_mismatch(dataset)
+            if why:
+                raise ValueError(why)
 
     def resume(self) -> str | None:
         """Load the newest complete checkpoint, if there is one, and forget what was logged after
@@ -155,6 +157,7 @@ class Trainer:
                     record["samples_per_s"] = samples / elapsed
                     if audio:  # audio seconds for speech, tokens for text
                         record[self.loader.modality.rate_name] = audio / elapsed
+                    record.update(self._samples_by_source())
                     self.metrics.write(record)
                     if self.world.main:
                         print(progress_line(record), flush=True)
@@ -192,7 +195,7 @@ class Trainer:
 
     def _check_epoch_fills_a_step(self) -> None:
         if len(self.loader) < self.cfg.train.grad_accum:
-            raise ValueError(f"data: epoch {self.loader.epoch} of {self.cfg.data.url} has {len(self.loader)} "
+            raise ValueError(f"data: epoch {self.loader.epoch} of {self.cfg.data.describe} has {len(self.loader)} "
                              f"batches per rank at {self.world.size} rank(s), fewer than "
                              f"train.grad_accum={self.cfg.train.grad_accum}")
 
@@ -225,6 +228,17 @@ class Trainer:
                   "masked": int(totals.masked), "skipped": skipped, "skipped_samples": int(totals.lost_samples),
                   "epoch": epoch, "memory_mb": _memory_mb(self.world.device)}
         return StepSummary(record, samples=totals.samples, units=totals.units, stop=totals.stop)
+
+    def _samples_by_source(self) -> dict[str, int]:
+        """A mix: samples each part has delivered to all ranks since this process started
+        ("samples/NAME"); nothing for one split. A collective: every rank calls it at each log step."""
+        names = getattr(self.loader.index, "names", None)
+        if names is None:
+            return {}
+        counts = torch.tensor([self.loader.throughput.by_source.get(n, 0) for n in range(len(names))],
+                              dtype=torch.int64, device=self.world.device)
+        counts = all_reduce_sum(counts).cpu()
+        return {f"samples/{name}": int(c) for name, c in zip(names, counts.tolist())}
 
     def _on_sigterm(self, signum, frame) -> None:
         self._stop_signal = True  # acted on after the step: every rank sees it in the step's all-reduce

@@ -46,6 +46,7 @@ class PretrainRequest(BaseModel):
     nproc: PositiveInt = 1  # trainer processes (torchrun --nproc_per_node)
     splits: list[str] | None = None  # corpus splits/subsets to build
     pretrain_split: str | None = None  # pre-trained on (default: the first of splits)
+    pretrain_splits: list[str] | None = None  # or several, mixed in one run (LibriSpeech 960 h: three subsets)
     labelled_split: str | None = None  # fine-tuned on (default: the second of three or more splits, else the first)
     eval_split: str | None = None  # scored (default: the last of splits)
     shard_size: str = "256MB"
@@ -93,10 +94,16 @@ class PretrainRequest(BaseModel):
         self.kind.check(self)
         if self.splits is None and self.kind.splits is not None:
             self.splits = list(self.kind.splits)
-        for field in ("pretrain_split", "labelled_split", "eval_split"):
-            value = getattr(self, field)
-            if value is not None and self.splits is not None and value not in self.splits:
-                raise ValueError(f"{field}: {value!r} is not among the splits built ({', '.join(self.splits)})")
+        if self.pretrain_split is not None and self.pretrain_splits is not None:
+            raise ValueError("pretrain_splits: give pretrain_split (one) or pretrain_splits (several), not both")
+        if self.pretrain_splits is not None and (not self.pretrain_splits
+                                                 or len(set(self.pretrain_splits)) != len(self.pretrain_splits)):
+            raise ValueError("pretrain_splits: name one or more different splits")
+        for field in ("pretrain_split", "labelled_split", "eval_split", "pretrain_splits"):
+            values = getattr(self, field)
+            for value in (values if isinstance(values, list) else [values]):
+                if value is not None and self.splits is not None and value not in self.splits:
+                    raise ValueError(f"{field}: {value!r} is not among the splits built ({', '.join(self.splits)})")
         if self.eval_budgets is not None and not self.eval_budgets:
             raise ValueError("eval_budgets: give at least one budget (or leave it out for the defaults)")
         from d2v_train.eval.curve_run import budget_options
@@ -170,7 +177,8 @@ class PretrainRequest(BaseModel):
         data = self.kind.tiny_train_data if self.preset == "tiny" else self.kind.train_data
         return [
             f"model={self.model}", *data, f"data.url={self.url('dataset')}",
-            f"data.split={self.train_split}", f"run_dir={self.url('run')}", f"train.max_steps={self.steps}",
+            (f"data.splits=[{','.join(self.pretrain_splits)}]" if self.pretrain_splits else f"data.split={self.train_split}"),
+            f"run_dir={self.url('run')}", f"train.max_steps={self.steps}",
             f"train.seed={self.seed}", *self.train_overrides,
         ]
 
@@ -390,7 +398,8 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
              dask_address: str | None = None, dask_cluster_class: str | None = None,
              dask_cluster_kwargs: dict | None = None, eval_steps: NonNegativeInt | None = None,
              eval_data: str | None = None, train_overrides: list[str] | None = None,
-             eval_args: list[str] | None = None, pretrain_split: str | None = None, labelled_split: str | None = None,
+             eval_args: list[str] | None = None, pretrain_split: str | None = None,
+             pretrain_splits: list[str] | None = None, labelled_split: str | None = None,
              eval_split: str | None = None, eval_budgets: list[str] | None = None, eval_seeds: PositiveInt = 3,
              eval_jobs: PositiveInt | None = None, overwrite_dataset: bool = False) -> dict:
     """Build shards, pre-train, evaluate against a random encoder, report; everything under `output`."""

@@ -45,6 +45,7 @@ def test_counts_add_up_and_every_fault_has_its_reason(corpus, built):
     assert dataset.samples == expected["accepted"]
     assert dataset.rejects_by_reason == expected["rejects_by_reason"]
     assert dataset.counts["untranscribed"] == expected["untranscribed"]
+    assert {k: dataset.counts.get(k, 0) for k in ("resampled", "downmixed")} == expected["converted"]
     assert {name: s.samples for name, s in dataset.splits.items()} == expected["splits"]
     rejects = pq.read_table(out / "rejects.parquet", use_threads=False).to_pylist()
     assert len(rejects) == dataset.rejected
@@ -54,7 +55,7 @@ def test_counts_add_up_and_every_fault_has_its_reason(corpus, built):
             assert row["path"].endswith(".flac") and row["path"].split("/")[-1][:-5] in row["detail"]
     by_path = {r["path"].split("/", 1)[1]: r["reason"] for r in rejects if r["reason"] != "missing_audio"}
     for path, reason in corpus.faults.items():
-        if reason not in ("untranscribed", "missing_audio"):
+        if reason not in (*synthetic.ACCEPTED_FAULTS, "missing_audio"):
             assert by_path[path.split("/", 1)[1]] == reason
 
 
@@ -81,11 +82,20 @@ def test_samples_are_the_original_flac_with_masks_on_the_frame_grid(corpus, buil
         for row in index:
             key = row["key"]
             speaker, chapter, _ = key.split("-")
-            original = (source_root / shard.split / speaker / chapter / f"{key}.flac").read_bytes()
-            assert members[f"{key}.flac"] == original
-            assert tar_bytes[row["data_offset"]: row["data_offset"] + row["data_bytes"]] == original
-            audio, rate = soundfile.read(io.BytesIO(original))
-            assert rate == 16000 and row["num_samples"] == len(audio)
+            source_file = source_root / shard.split / speaker / chapter / f"{key}.flac"
+            original = source_file.read_bytes()
+            stored = members[f"{key}.flac"]
+            assert tar_bytes[row["data_offset"]: row["data_offset"] + row["data_bytes"]] == stored
+            audio, rate = soundfile.read(io.BytesIO(stored), always_2d=True)
+            assert rate == 16000 and audio.shape[1] == 1 and row["num_samples"] == len(audio)
+            meta = json.loads(members[f"{key}.json"])
+            fault = corpus.faults.get(str(source_file.relative_to(source_root)))
+            if fault in ("resampled", "downmixed"):  # 8 kHz or stereo: converted, the duration kept
+                info = soundfile.info(source_file)
+                assert (meta["source_rate"], meta["source_channels"]) == (info.samplerate, info.channels)
+                assert abs(len(audio) / 16000 - info.duration) < 1 / 16000 * 2
+            else:  # 16 kHz mono FLAC: the file's own bytes
+                assert stored == original and "source_rate" not in meta
             mask = load_npy(members[f"{key}.mask.npy"])
             assert mask.dtype == np.bool_ and mask.shape == (3, grid.frames(len(audio))) == (3, row["mask_length"])
             assert 0.3 < mask.mean() < 0.7  # span masks at p=0.65, L=10 cover about half

@@ -11,6 +11,7 @@ import soundfile as sf
 from PIL import Image, UnidentifiedImageError
 
 from pipelines.synthetic import make_imagenet, make_librispeech, make_text_corpus
+from pipelines.synthetic import ACCEPTED_FAULTS
 
 SUBSETS = {"train-clean-100": 7, "dev-clean": 3}
 
@@ -47,15 +48,14 @@ def _classify_speech(source: str):
             reason = "empty_audio"
         else:
             info = sf.info(flac)
-            if info.samplerate != 16000:
-                reason = "wrong_sample_rate"
-            elif info.channels != 1:
-                reason = "wrong_channels"
-            else:
-                try:
-                    reason = None if len(sf.read(flac, dtype="int16")[0]) == info.frames else "truncated_audio"
-                except sf.LibsndfileError:
-                    reason = "truncated_audio"
+            try:
+                reason = None if len(sf.read(flac, dtype="int16")[0]) == info.frames else "truncated_audio"
+            except sf.LibsndfileError:
+                reason = "truncated_audio"
+            if reason is None and info.samplerate != 16000:
+                reason = "resampled"
+            elif reason is None and info.channels != 1:
+                reason = "downmixed"
         if reason is None and utt not in transcripts:
             reason = "untranscribed"
         verdicts[utt] = (subset, reason)
@@ -103,8 +103,8 @@ def test_flac_headers_and_faults(speech):
             continue
         info = sf.info(flac)
         assert info.format == "FLAC" and info.subtype == "PCM_16"
-        assert info.samplerate == (8000 if reason == "wrong_sample_rate" else 16000)
-        assert info.channels == (2 if reason == "wrong_channels" else 1)
+        assert info.samplerate == (8000 if reason == "resampled" else 16000)
+        assert info.channels == (2 if reason == "downmixed" else 1)
         if reason == "truncated_audio":
             # the header survives and still promises every frame; decoding fails part way
             assert info.frames >= 16000
@@ -124,15 +124,15 @@ def test_speech_expected_counts_match_disk(speech):
     exp = speech.expected
     reasons = [r for _, r in verdicts.values()]
     assert exp["items"] == len(verdicts) == exp["accepted"] + exp["rejected"]
-    rejects = {r: reasons.count(r) for r in set(reasons) - {None, "untranscribed"}}
-    assert exp["rejects_by_reason"] == rejects == {
-        r: 1 for r in ("truncated_audio", "empty_audio", "wrong_sample_rate", "wrong_channels", "missing_audio")
-    }
+    rejects = {r: reasons.count(r) for r in set(reasons) - {None, *ACCEPTED_FAULTS}}
+    assert exp["rejects_by_reason"] == rejects == {r: 1 for r in ("truncated_audio", "empty_audio", "missing_audio")}
     assert exp["untranscribed"] == reasons.count("untranscribed") == 1
+    assert exp["converted"] == {r: reasons.count(r) for r in ("resampled", "downmixed")} == {"resampled": 1,
+                                                                                            "downmixed": 1}
     accepted = {s: 0 for s in SUBSETS}
     for subset, reason in verdicts.values():
-        accepted[subset] += reason in (None, "untranscribed")
-    assert exp["splits"] == accepted == {"train-clean-100": 8, "dev-clean": 3}
+        accepted[subset] += reason in (None, *ACCEPTED_FAULTS)
+    assert exp["splits"] == accepted == {"train-clean-100": 10, "dev-clean": 3}
     assert {Path(speech.source, r).stem for r in speech.faults} <= set(verdicts)
 
 
@@ -145,6 +145,7 @@ def test_speech_without_faults_is_all_good(tmp_path):
         "rejected": 0,
         "rejects_by_reason": {},
         "untranscribed": 0,
+            "converted": {},
         "splits": {"dev-clean": 5},
     }
     verdicts = _classify_speech(spec.source)

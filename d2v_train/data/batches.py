@@ -17,6 +17,7 @@ class Served(TypedDict, total=False):
     batch: int  # the global batch's number in the epoch's plan
     padding: bool  # a repeat that only evens out the ranks' batch counts (tail="pad")
     skipped: int  # samples of skipped bad shards left out of this batch
+    sources: list[int]  # a mix (data.splits, data.sources): the part each sample came from
 
 
 class SpeechBatch(Served):

@@ -11,8 +11,12 @@ from pipelines.storage import Location
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("url", help="dataset URL (the folder holding dataset.json)")
-    parser.add_argument("--split", required=True, help="the split to stream")
+    parser.add_argument("url", nargs="?", help="dataset URL (the folder holding dataset.json); not with --mix")
+    parser.add_argument("--split", default=None,
+                        help="the split to stream; comma-separated for several streamed as one (a,b,c)")
+    parser.add_argument("--mix", default=None, metavar="YAML",
+                        help="a file listing datasets to mix, like the trainer's data.sources: "
+                             "- {url: ..., split: train, weight: 0.7} (or repeat: 2)")
     parser.add_argument("--rank", type=int, default=0, help="stream this rank's share")
     parser.add_argument("--world-size", type=int, default=1, help="of this many ranks")
     parser.add_argument("--seed", type=int, default=0, help="seed of the epoch plan")
@@ -35,17 +39,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from d2v_train.data.loader import StreamingLoader
-
-    location = Location(args.url)
+    from d2v_train.data.modalities import MODALITIES
     from pipelines.inspection import read_dataset
 
+    mix = _mix(args)
+    location = Location(mix[0].url if mix else args.url)
     dataset, _, _ = read_dataset(location)
-    from d2v_train.data.modalities import MODALITIES
-
     policy = MODALITIES[dataset.modality].stream_policy(max_tokens=args.max_tokens, batch_size=args.batch_size,
                                                         train=not args.eval, tail=args.tail)
-    loader = StreamingLoader(location, args.split, policy, rank=args.rank, world_size=args.world_size, seed=args.seed,
-                             train=not args.eval, workers=args.workers, io_threads=args.io_threads,
+    loader = StreamingLoader(location, args.split, policy, mix=mix, rank=args.rank, world_size=args.world_size,
+                             seed=args.seed, train=not args.eval, workers=args.workers, io_threads=args.io_threads,
                              cache_dir=args.cache_dir, skip_bad_shards=args.skip_bad_shards)
     if args.resume:
         loader.load_state_dict(json.loads(Path(args.resume).read_text()))
@@ -73,6 +76,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mix(args: argparse.Namespace):
+    """The parts of a mix from --mix or a comma-separated --split; None for one split."""
+    from pydantic import ValidationError
+
+    from d2v_train.config import DataConfig, describe
+
+    if args.mix:
+        if args.url or args.split:
+            raise ValueError("--mix names every dataset and split: leave out URL and --split")
+        import yaml
+
+        sources = yaml.safe_load(Path(args.mix).read_text())
+        settings = {"sources": sources}
+    else:
+        if not args.url or not args.split:
+            raise ValueError("give the dataset URL and --split (or --mix FILE)")
+        splits = [s.strip() for s in args.split.split(",") if s.strip()]
+        if len(splits) == 1:
+            return None
+        settings = {"url": args.url, "splits": splits}
+    try:  # the trainer's own checks, so the two name a wrong source alike
+        return DataConfig(batch_size=1, **settings).mix()
+    except ValidationError as exc:
+        raise ValueError(describe(exc).replace("sources", "--mix").replace("splits", "--split")) from None
+
+
 def _progress(loader, batches: int, final: bool = False) -> str:
     rates = loader.throughput.rates()
     parts = [f"{'done' if final else 'streaming'}: epoch {loader.epoch} batches {batches}",
@@ -81,6 +110,10 @@ def _progress(loader, batches: int, final: bool = False) -> str:
         parts.append(f"{rates['audio_s_per_s']:.0f} audio-s/s")
     if loader.throughput.tokens:
         parts.append(f"{rates['tokens_per_s']:.0f} tokens/s")
+    names = getattr(loader.index, "names", None)
+    if names:
+        parts.append("per source " + " ".join(f"{name}={loader.throughput.by_source.get(n, 0)}"
+                                              for n, name in enumerate(names)))
     stats = loader.reader.stats
     parts.append(f"requests {stats.requests} retries {stats.retries} skipped shards {stats.skipped_shards}")
     return ", ".join(parts)

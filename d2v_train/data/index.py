@@ -219,6 +219,22 @@ class SplitIndex:
         """`names` at `rows` as lists (what a batch's requests and collation need)."""
         return self.columns.gather(np.asarray(rows, dtype=np.int64), names)
 
+    # what a mix of several splits (mix.MixedIndex) has more of: one location, one mask set, each row once
+    @property
+    def locations(self) -> list[Location]:
+        return [self.location]
+
+    @property
+    def shard_sources(self) -> list[int]:
+        return [0] * len(self.shards)
+
+    @property
+    def mask_variants(self) -> int:
+        return self.dataset.mask.variants
+
+    def multiplicity(self, seed: int, epoch: int) -> np.ndarray | None:
+        return None
+
     @classmethod
     def load(cls, location: Location, split: str, *, threads: int = 16) -> SplitIndex:
         """dataset.json and the column batches are planned by (lengths; images: labels): from the

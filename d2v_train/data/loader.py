@@ -20,6 +20,7 @@ import torchdata.nodes as tn
 
 from d2v_train.data.batches import Batch
 from d2v_train.data.index import SplitIndex
+from d2v_train.data.mix import MixedIndex, MixPart, open_index
 from d2v_train.data.modalities import MODALITIES
 from d2v_train.data.plan import BatchPolicy, EpochPlan, plan_epoch, rank_batch_count, rank_batch_numbers
 from d2v_train.data.reader import SampleRequest, ShardError, ShardReader
@@ -42,6 +43,7 @@ class Throughput:
     samples: int = 0
     audio_seconds: float = 0.0
     tokens: int = 0
+    by_source: dict[int, int] = field(default_factory=dict)  # a mix: samples delivered per part
     started: float = field(default_factory=time.monotonic)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -52,6 +54,12 @@ class Throughput:
             self.audio_seconds += audio_seconds
             self.tokens += tokens
 
+    def add_sources(self, sources: list[int]) -> None:
+        """A mix's batch: the part of each of its samples."""
+        with self._lock:
+            for source in sources:
+                self.by_source[source] = self.by_source.get(source, 0) + 1
+
     def rates(self) -> dict:
         elapsed = max(time.monotonic() - self.started, 1e-9)
         return {"samples_per_s": self.samples / elapsed, "audio_s_per_s": self.audio_seconds / elapsed,
@@ -61,16 +69,21 @@ class Throughput:
 class StreamingLoader:
     """Iterate to get one epoch of this rank's batches; iterate again for the next epoch."""
 
-    def __init__(self, location: Location | str, split: str, policy: BatchPolicy, *, rank: int = 0,
+    def __init__(self, location: Location | str | None, split: str, policy: BatchPolicy, *, rank: int = 0,
                  world_size: int = 1, seed: int = 0, train: bool = True, workers: int = 4, prefetch: int = 2,
                  io_threads: int = 8, retries: int = 5, cache_dir: str | None = None, skip_bad_shards: bool = False,
                  image_size: int = 224, image_transform: ImageTransform | None = None,
-                 keep_empty_batches: bool = False) -> None:
+                 keep_empty_batches: bool = False, mix: list[MixPart] | None = None) -> None:
         """``keep_empty_batches``: a batch whose samples all came from skipped bad shards is still
         handed out, as {"keys": [], "skipped": n, ...}, so that every rank sees the same number of
-        batches (a trainer's ranks must step together); by default it is left out."""
-        self.location = location if isinstance(location, Location) else Location(location)
-        self.index = SplitIndex.load(self.location, split)
+        batches (a trainer's ranks must step together); by default it is left out. ``mix``: several
+        splits or datasets streamed as one (mix.py), instead of `location` and `split`."""
+        if mix is not None:
+            self.index = open_index(mix)
+            split = self.index.split
+        else:
+            self.index = SplitIndex.load(location if isinstance(location, Location) else Location(location), split)
+        self.location = self.index.location
         if not 0 <= rank < world_size:
             raise ValueError(f"--rank {rank} must be in [0, --world-size {world_size})")
         self.split, self.policy, self.rank, self.world_size = split, policy, rank, world_size
@@ -81,9 +94,10 @@ class StreamingLoader:
         self.modality = MODALITIES[dataset.modality]
         self.modality.check_policy(policy)
         self.frame_grid = dataset.frame_grid or FrameGrid()
-        self.variants = dataset.mask.variants
+        self.variants = self.index.mask_variants
         self.reader = ShardReader(
-            self.location, [(s.name, s.sha256, s.bytes) for s in self.index.shards],
+            self.index.locations,
+            [(s.name, s.sha256, s.bytes, source) for s, source in zip(self.index.shards, self.index.shard_sources)],
             data_suffix=DATA_SUFFIX[dataset.modality], threads=io_threads, retries=retries, cache_dir=cache_dir,
             skip_bad_shards=skip_bad_shards,
         )
@@ -200,6 +214,8 @@ class StreamingLoader:
         padding = batch["padding_mask"].numpy() if "padding_mask" in batch else None
         real = padding.size - int(np.count_nonzero(padding)) if padding is not None else 0  # samples or tokens
         self.throughput.add(len(batch["keys"]), **self.modality.delivered(real, self))
+        if "sources" in batch:
+            self.throughput.add_sources(batch["sources"])
 
     def _load(self, item: tuple[EpochPlan, int, bool, int]) -> Batch:
         epoch_plan, number, padding, epoch = item
@@ -222,6 +238,8 @@ class StreamingLoader:
         batch = modality.collate(self, items, [fetched[j].key for j in keep], [plan.samples[j] for j in keep],
                                  plan, rng)
         batch.update({"epoch": epoch, "batch": plan.number, "padding": padding})
+        if isinstance(self.index, MixedIndex):  # which part of the mix each sample came from
+            batch["sources"] = self.index.columns["source"][[plan.samples[j] for j in keep]].tolist()
         if skipped:
             batch["skipped"] = skipped  # samples of skipped bad shards left out of this batch
         return batch

@@ -79,6 +79,9 @@ def epoch_blocks(index: SplitIndex, policy: BatchPolicy, seed: int, epoch: int) 
     if policy.shuffle:
         shards = _rng(seed, epoch, 1).permutation(shards)
     rows_of = _rows_by_shard(shard_of, len(index.shards))
+    times = index.multiplicity(seed, epoch)  # a mix's weights and repeats: how often each row appears
+    if times is not None:
+        rows_of = [np.repeat(rows, times[rows]) for rows in rows_of]
     blocks = []
     for start in range(0, len(shards), policy.shuffle_block):
         members = np.concatenate([rows_of[s] for s in shards[start: start + policy.shuffle_block]] or [np.zeros(0, int)])

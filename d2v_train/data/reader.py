@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import NamedTuple
 
@@ -138,9 +138,10 @@ def plan_ranges(requests: list[SampleRequest], max_request_bytes: int, max_gap_b
 
 
 class _Shard(NamedTuple):
-    name: str  # tar path relative to the dataset root
+    name: str  # tar path relative to its dataset's root
     sha256: str
     size: int
+    source: int = 0  # which of the reader's locations (datasets) holds it
 
 
 class ShardReader:
@@ -150,7 +151,7 @@ class ShardReader:
     thread waits for another one's cache download; beyond it the shard is reported as bad.
     """
 
-    def __init__(self, location: Location, shards: list[tuple[str, str, int]], *, data_suffix: str,
+    def __init__(self, location: Location | Sequence[Location], shards: list[tuple], *, data_suffix: str,
                  max_request_bytes: int = 16 << 20, max_gap_bytes: int = 1 << 20, threads: int = 8,
                  retries: int = 5, backoff_s: float = 0.1, cache_dir: str | None = None,
                  skip_bad_shards: bool = False, open_fs: Callable[[], tuple] | None = None,
@@ -158,9 +159,16 @@ class ShardReader:
         if max_request_bytes < 1 or max_gap_bytes < 0 or threads < 1 or retries < 0 or timeout_s <= 0:
             raise ValueError("max_request_bytes and threads must be >= 1, max_gap_bytes and retries >= 0, "
                              "timeout_s > 0")
-        self.location = location
+        # several locations: the datasets of a mix; each shard is (name, sha256, bytes[, location number])
+        self.locations = [location] if isinstance(location, Location) else list(location)
+        self.location = self.locations[0]
+        if open_fs is not None and len(self.locations) > 1:
+            raise ValueError("open_fs opens one location; this reader has several")
         # the names are opened under the root and the digests name cache files: neither may leave its folder
-        self.shards = [_Shard(inside_root(name), sha256_hex(sha), int(size)) for name, sha, size in shards]
+        self.shards = [_Shard(inside_root(name), sha256_hex(sha), int(size), int(source[0]) if source else 0)
+                       for name, sha, size, *source in shards]
+        if any(not 0 <= s.source < len(self.locations) for s in self.shards):
+            raise ValueError(f"a shard names a location outside the reader's {len(self.locations)}")
         self.data_suffix = data_suffix
         self.max_request_bytes, self.max_gap_bytes = max_request_bytes, max_gap_bytes
         self.threads, self.retries, self.backoff_s, self.timeout_s = threads, retries, backoff_s, timeout_s
@@ -178,7 +186,7 @@ class ShardReader:
         self._pid = os.getpid()
         self._lock = threading.Lock()
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._fs = None
+        self._fs: dict[int, tuple] = {}
         self._shard_locks: dict[int, threading.Lock] = defaultdict(threading.Lock)
         self._cached: set[int] = set()  # shards whose cached copy this process has checked
         self._jitter = random.Random(0)  # backoff only; never touches the data
@@ -221,7 +229,7 @@ class ShardReader:
         ranges = plan_ranges([requests[p] for p in wanted], self.max_request_bytes, self.max_gap_bytes)
         # A local disk gains nothing from the pool: read in the calling thread (fewer thread
         # switches holding the GIL on small machines). Remote stores keep the pool and its deadline.
-        inline = self.cache_dir is None and is_local(self._filesystem()[0])
+        inline = self.cache_dir is None and all(is_local(self._filesystem(n)[0]) for n in range(len(self.locations)))
         pool = None if inline else self._executor()
         futures = []
         for read in ranges:
@@ -275,12 +283,13 @@ class ShardReader:
                 self._pool = concurrent.futures.ThreadPoolExecutor(self.threads, thread_name_prefix="d2v-reader")
             return self._pool
 
-    def _filesystem(self):
+    def _filesystem(self, source: int = 0):
         with self._lock:
-            if self._fs is None:
+            if source not in self._fs:
                 # fail_fast: a client that does not retry by itself, so `retries` means what it says
-                self._fs = self._open_fs() if self._open_fs else self.location.filesystem(fail_fast=True)
-            return self._fs
+                self._fs[source] = self._open_fs() if self._open_fs else \
+                    self.locations[source].filesystem(fail_fast=True)
+            return self._fs[source]
 
     def _fetch(self, read: ReadRange, requests: list[SampleRequest]) -> list[SampleBytes]:
         shard = self.shards[read.shard]
@@ -331,7 +340,7 @@ class ShardReader:
     def _cat(self, index: int, start: int, end: int) -> bytes:
         """One ranged read from the store, retried on transient errors."""
         shard = self.shards[index]
-        fs, root = self._filesystem()
+        fs, root = self._filesystem(shard.source)
         path = join(root, shard.name)
         for attempt in range(self.retries + 1):
             try:

@@ -38,7 +38,7 @@ class Backbone:
     @property
     def dataset_url(self) -> str | None:
         """The dataset the encoder was pre-trained on (its tokenizer serves text evaluation)."""
-        return self.train.data.url if self.train else None
+        return self.train.data.urls[0] if self.train else None
 
 
 def load_backbone(checkpoint: str, model: str | None = None, *, seed: int = 0) -> Backbone:

@@ -2,21 +2,20 @@
 
 16 kHz mono FLAC; transcripts upper-case, one `UTT-ID TEXT` line per utterance. Durations come
 from the FLAC headers at scan time; every file is fully decoded at build time, so a truncated
-file is caught before it reaches a shard. The FLAC bytes are stored unchanged.
+file is caught before it reaches a shard. 16 kHz mono FLAC bytes are stored unchanged; a file at
+another rate or with more channels is converted (audio.py) and counted as resampled/downmixed.
 Audio without a transcript is kept (pre-training needs no labels) with a null transcript and is
 counted as `untranscribed`; a transcript line without audio is rejected as `missing_audio`.
 """
 from __future__ import annotations
 
-import io
 import posixpath
 import re
 from dataclasses import dataclass, field
 
-import soundfile
-
+from pipelines.sources.audio import RESAMPLER, AudioError, converted_frames, header, prepare_audio
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source
-from pipelines.storage import Location, StorageError, check_readable, is_local
+from pipelines.storage import Location, StorageError, check_readable
 from schemas import FrameGrid
 
 SAMPLE_RATE = 16000
@@ -42,7 +41,8 @@ class LibriSpeechSource(Source):
     modality: str = "speech"
 
     def build_params(self) -> dict:
-        return {"subsets": list(self.subsets), "sample_rate": SAMPLE_RATE, "frame_grid": self.frame_grid.model_dump(mode="json")}
+        return {"subsets": list(self.subsets), "sample_rate": SAMPLE_RATE, "resampler": RESAMPLER,
+                "frame_grid": self.frame_grid.model_dump(mode="json")}
 
     def mask_spec(self) -> tuple[str, dict]:
         return "span", {"mask_prob": self.mask_prob, "mask_length": self.mask_length}
@@ -76,28 +76,21 @@ class LibriSpeechSource(Source):
             data = fs.cat_file(path)
         except Exception as exc:  # noqa: BLE001
             return _reject(row, "build", "unreadable_file", f"cannot read {row['path']}: {exc}")
-        if not data:
-            return _reject(row, "build", "empty_audio", f"{row['path']} is empty (0 bytes)")
         try:
-            audio, rate = soundfile.read(io.BytesIO(data), dtype="int16", always_2d=True)
-        except Exception as exc:  # noqa: BLE001 - libsndfile reports corrupt data in many ways
-            return _reject(row, "build", "truncated_audio", f"{row['path']} cannot be decoded: {exc}")
-        frames, channels = audio.shape
-        if rate != SAMPLE_RATE:
-            return _reject(row, "build", "wrong_sample_rate", f"{row['path']} is {rate} Hz, expected {SAMPLE_RATE} Hz")
-        if channels != 1:
-            return _reject(row, "build", "wrong_channels", f"{row['path']} has {channels} channels, expected mono")
-        if frames != row["num_samples"]:
-            return _reject(row, "build", "truncated_audio",
-                           f"{row['path']} decodes to {frames} samples but its header says {row['num_samples']}")
-        mask_length = self.frame_grid.frames(frames)
+            audio = prepare_audio(data, row["path"], expected_frames=row["num_samples"])
+        except AudioError as exc:
+            return _reject(row, "build", exc.reason, str(exc))
         meta = {
             "key": row["id"], "split": row["split"], "speaker": row["speaker"], "chapter": row["chapter"],
-            "transcript": row["transcript"], "num_samples": frames, "sample_rate": rate,
+            "transcript": row["transcript"], "num_samples": audio.frames, "sample_rate": SAMPLE_RATE,
         }
-        index = {"num_samples": frames, "speaker": row["speaker"], "chapter": row["chapter"], "transcript": row["transcript"]}
-        counts = {"untranscribed": 1} if row["transcript"] is None else {}
-        return Encoded(row["id"], data, meta, mask_length, index, seconds=frames / SAMPLE_RATE, counts=counts)
+        if audio.conversions:
+            meta.update(source_rate=audio.rate, source_channels=audio.channels)
+        index = {"num_samples": audio.frames, "speaker": row["speaker"], "chapter": row["chapter"],
+                 "transcript": row["transcript"]}
+        counts = {**({"untranscribed": 1} if row["transcript"] is None else {}), **audio.counts()}
+        return Encoded(row["id"], audio.data, meta, self.frame_grid.frames(audio.frames), index,
+                       seconds=audio.frames / SAMPLE_RATE, counts=counts)
 
 
 def _corpus_root(fs, root: str) -> str:
@@ -170,18 +163,11 @@ def _scan_chapter(chapter: _Chapter, location: Location) -> tuple[list[dict], li
             rejects.append(_reject(base, "scan", "empty_audio", f"{relative} is empty (0 bytes)"))
             continue
         try:
-            info = _header(fs, posixpath.join(root, relative))
+            info = header(fs, posixpath.join(root, relative))
         except Exception as exc:  # noqa: BLE001
-            rejects.append(_reject(base, "scan", "undecodable_audio", f"{relative} has no readable FLAC header: {exc}"))
+            rejects.append(_reject(base, "scan", "undecodable_audio", f"{relative} has no readable audio header: {exc}"))
             continue
-        if info.samplerate != SAMPLE_RATE:
-            rejects.append(_reject(base, "scan", "wrong_sample_rate",
-                                   f"{relative} is {info.samplerate} Hz, expected {SAMPLE_RATE} Hz"))
-            continue
-        if info.channels != 1:
-            rejects.append(_reject(base, "scan", "wrong_channels", f"{relative} has {info.channels} channels, expected mono"))
-            continue
-        if FrameGrid().frames(info.frames) < 1:
+        if FrameGrid().frames(converted_frames(info.frames, info.samplerate)) < 1:
             rejects.append(_reject(base, "scan", "too_short", f"{relative} has {info.frames} samples: too short for one frame"))
             continue
         rows.append({
@@ -193,10 +179,3 @@ def _scan_chapter(chapter: _Chapter, location: Location) -> tuple[list[dict], li
         rejects.append(Reject(utt, chapter.subset, chapter.transcript, "scan", "missing_audio",
                               f"{chapter.transcript} has a line for {utt} but {utt}.flac does not exist"))
     return rows, rejects
-
-
-def _header(fs, path: str):
-    if is_local(fs):
-        return soundfile.info(path)
-    with fs.open(path, "rb", block_size=64 * 1024) as f:
-        return soundfile.info(f)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pipelines.synthetic.common import JPEG_QUALITY, SAMPLE_RATE, CorpusSpec
 from pipelines.synthetic.glue import GLUE_TASKS, make_glue_task
-from pipelines.synthetic.speech import LETTERS, _voice, _voiced_letter, make_librispeech
+from pipelines.synthetic.speech import ACCEPTED_FAULTS, LETTERS, _voice, _voiced_letter, make_librispeech
 from pipelines.synthetic.text import _TOPIC_WORDS, make_text_corpus
 from pipelines.synthetic.vision import (
     FILLER_TILES,
@@ -24,6 +24,6 @@ from pipelines.synthetic.vision import (
     make_imagenet,
 )
 
-__all__ = ["CorpusSpec", "make_librispeech", "make_imagenet", "make_text_corpus", "make_glue_task", "GLUE_TASKS",
+__all__ = ["ACCEPTED_FAULTS", "CorpusSpec", "make_librispeech", "make_imagenet", "make_text_corpus", "make_glue_task", "GLUE_TASKS",
            "SAMPLE_RATE", "JPEG_QUALITY", "LETTERS", "FILLER_TILES", "WORD_TILES", "WORDS_PER_FAMILY",
            "_TOPIC_WORDS", "_voice", "_voiced_letter", "_word_patterns", "_words_image"]

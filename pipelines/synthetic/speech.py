@@ -134,6 +134,10 @@ def _flac_bytes(pcm: np.ndarray, sr: int) -> bytes:
     return buf.getvalue()
 
 
+# fault kinds that are built all the same (counted, not rejected)
+ACCEPTED_FAULTS = ("untranscribed", "resampled", "downmixed")
+
+
 def make_librispeech(
     root: str | os.PathLike,
     subsets: dict[str, int],
@@ -159,8 +163,8 @@ def make_librispeech(
     utterances, spread over `speakers` (a count, or one per subset) x `chapters_per_speaker` chapters; speaker
     and chapter ids are unique across subsets, as in the real corpus. With
     `faults`, the first chapter of the first subset also gets one truncated,
-    one empty, one 8 kHz and one stereo FLAC, a transcript line with no audio
-    and a (valid) FLAC with no transcript line.
+    one empty, one 8 kHz and one stereo FLAC (the last two are kept, converted), a transcript line
+    with no audio and a (valid) FLAC with no transcript line.
     """
     per_subset = [speakers.get(s, 0) for s in subsets] if isinstance(speakers, dict) else [speakers] * len(subsets)
     if isinstance(speakers, dict) and set(speakers) - set(subsets):
@@ -203,8 +207,8 @@ def make_librispeech(
                 extra = [
                     ("truncated_audio", SAMPLE_RATE, 1, True, True),
                     ("empty_audio", SAMPLE_RATE, 1, True, True),
-                    ("wrong_sample_rate", 8000, 1, True, True),
-                    ("wrong_channels", SAMPLE_RATE, 2, True, True),
+                    ("resampled", 8000, 1, True, True),  # converted at build time, not rejected
+                    ("downmixed", SAMPLE_RATE, 2, True, True),
                     ("missing_audio", SAMPLE_RATE, 1, False, True),
                     ("untranscribed", SAMPLE_RATE, 1, True, False),
                 ]
@@ -246,10 +250,12 @@ def make_librispeech(
         + "".join(r + "\n" for r in chapter_rows),
     )
 
-    rejects = {r: 1 for r in fault_map.values() if r != "untranscribed"}
+    rejects = {r: 1 for r in fault_map.values() if r not in ACCEPTED_FAULTS}
     untranscribed = sum(r == "untranscribed" for r in fault_map.values())
-    if untranscribed:
-        splits[next(iter(subsets))] += untranscribed
+    converted = {r: 1 for r in fault_map.values() if r in ("resampled", "downmixed")}
+    kept = sum(r in ACCEPTED_FAULTS for r in fault_map.values())
+    if kept:
+        splits[next(iter(subsets))] += kept
     accepted = sum(splits.values())
     rejected = sum(rejects.values())
     return CorpusSpec(
@@ -263,6 +269,7 @@ def make_librispeech(
             "rejected": rejected,
             "rejects_by_reason": rejects,
             "untranscribed": untranscribed,
+            "converted": converted,
             "splits": splits,
         },
     )

@@ -1,0 +1,94 @@
+"""Audio as the speech models take it: 16 kHz mono, stored as 16-bit FLAC.
+
+Every speech source decodes what libsndfile decodes (WAV, FLAC, OGG/Vorbis, OGG/Opus, MP3, ...),
+averages the channels to mono and resamples with soxr (its "HQ" quality) at build time, so the
+loader never converts. A file that is already 16 kHz mono 16-bit FLAC is stored unchanged.
+Only a file that cannot be decoded is rejected.
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+
+import numpy as np
+import soundfile
+import soxr
+
+TARGET_RATE = 16000
+RESAMPLER = "soxr-HQ"  # recorded in dataset.json: another resampler gives other bytes
+AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64")
+
+
+class AudioError(ValueError):
+    """A file that cannot be used; `reason` is the reject reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Prepared:
+    data: bytes  # 16 kHz mono 16-bit FLAC
+    frames: int  # samples at 16 kHz
+    rate: int  # the file's own rate
+    channels: int  # the file's own channel count
+    conversions: tuple[str, ...] = field(default=())  # "resampled", "downmixed", "transcoded"
+
+    def counts(self) -> dict[str, int]:
+        return {name: 1 for name in self.conversions}
+
+
+def converted_frames(frames: int, rate: int) -> int:
+    """Samples at 16 kHz of `frames` samples at `rate` (what soxr gives back)."""
+    return frames if rate == TARGET_RATE else int(round(frames * TARGET_RATE / rate))
+
+
+def to_model_rate(audio: np.ndarray, rate: int) -> np.ndarray:
+    """float (frames, channels) at `rate` -> float32 (frames',) mono at 16 kHz."""
+    mono = audio.mean(axis=1, dtype=np.float32) if audio.ndim == 2 else audio.astype(np.float32, copy=False)
+    if rate == TARGET_RATE:
+        return mono
+    return soxr.resample(mono, rate, TARGET_RATE, quality="HQ").astype(np.float32, copy=False)
+
+
+def flac_bytes(mono: np.ndarray) -> bytes:
+    """float32 mono at 16 kHz -> 16-bit FLAC bytes (clipped to the 16-bit range)."""
+    pcm = np.clip(np.round(mono * 32768.0), -32768, 32767).astype(np.int16)
+    buffer = io.BytesIO()
+    soundfile.write(buffer, pcm, TARGET_RATE, format="FLAC", subtype="PCM_16")
+    return buffer.getvalue()
+
+
+def prepare_audio(data: bytes, name: str, *, expected_frames: int | None = None) -> Prepared:
+    """The file's bytes as the shards store them. `expected_frames`: what its header said at scan
+    time (a decode that ends early is a truncated file). Raises AudioError."""
+    if not data:
+        raise AudioError("empty_audio", f"{name} is empty (0 bytes)")
+    try:
+        with soundfile.SoundFile(io.BytesIO(data)) as f:
+            rate, channels, kind, subtype = f.samplerate, f.channels, f.format, f.subtype
+            audio = f.read(dtype="float32", always_2d=True)
+    except Exception as exc:  # noqa: BLE001 - libsndfile reports corrupt data in many ways
+        raise AudioError("truncated_audio", f"{name} cannot be decoded: {exc}") from None
+    frames = len(audio)
+    if expected_frames is not None and kind != "MP3" and frames != expected_frames:  # MP3 headers estimate
+        raise AudioError("truncated_audio", f"{name} decodes to {frames} samples but its header says {expected_frames}")
+    if frames == 0:
+        raise AudioError("empty_audio", f"{name} holds no audio samples")
+    if rate == TARGET_RATE and channels == 1 and kind == "FLAC" and subtype == "PCM_16":
+        return Prepared(data, frames, rate, channels)
+    conversions = tuple(name for name, done in (("resampled", rate != TARGET_RATE), ("downmixed", channels > 1),
+                                                ("transcoded", kind != "FLAC" or subtype != "PCM_16")) if done)
+    mono = to_model_rate(audio, rate)
+    return Prepared(flac_bytes(mono), len(mono), rate, channels, conversions)
+
+
+def header(fs, path: str):
+    """soundfile's info of a file on any filesystem (a local path is opened directly)."""
+    from pipelines.storage import is_local
+
+    if is_local(fs):
+        return soundfile.info(path)
+    with fs.open(path, "rb", block_size=64 * 1024) as f:
+        return soundfile.info(f)
