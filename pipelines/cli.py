@@ -23,20 +23,36 @@ def add_parser(subparsers):
     speech.add_argument("src", help="folder (any fsspec URL) holding the subset folders, or its parent")
     speech.add_argument("out", help="output URL (local folder, s3://bucket/prefix, memory://...)")
     speech.add_argument("--subsets", required=True, help="comma-separated, e.g. train-clean-100,dev-clean")
-    speech.add_argument("--mask-prob", type=float, default=0.65, help="share of frames that start a masked span")
-    speech.add_argument("--mask-length", type=int, default=10, help="frames per masked span")
+    _speech_masks(speech)
     _common(speech)
+
+    fairseq = sources.add_parser("fairseq-manifest", help="fairseq manifests: {split}.tsv (+ .wrd/.ltr labels)")
+    fairseq.add_argument("src", help="folder (any fsspec URL) holding the {split}.tsv files")
+    fairseq.add_argument("out", help="output URL of the dataset")
+    fairseq.add_argument("--splits", default="", help="comma-separated manifests to build (default: every .tsv)")
+    _speech_masks(fairseq)
+    _common(fairseq)
+
+    table = sources.add_parser("manifest", help="a table (CSV/TSV/Parquet/JSON lines) naming audio or image files")
+    table.add_argument("table", help="the table file (any fsspec URL); relative paths in it start at its folder")
+    table.add_argument("out", help="output URL of the dataset")
+    table.add_argument("--modality", choices=["speech", "vision"], required=True, help="what the files hold")
+    table.add_argument("--path-column", default="path", help="the file of each row (default: path)")
+    table.add_argument("--id-column", default=None, help="sample keys (default: file names without suffix)")
+    table.add_argument("--split-column", default=None, help="each row's split (default: --default-split)")
+    table.add_argument("--default-split", default="train", help="split of rows without a split column")
+    table.add_argument("--transcript-column", default=None, help="speech: the transcript")
+    table.add_argument("--speaker-column", default=None, help="speech: the speaker")
+    table.add_argument("--label-column", default=None, help="vision: class names (sorted into label indexes)")
+    _speech_masks(table)
+    _image_options(table)
+    _common(table)
 
     vision = sources.add_parser("imagenet", help="ImageNet (ILSVRC CLS-LOC or ImageFolder)")
     vision.add_argument("src", help="folder holding ILSVRC/ and the LOC_* files, or an ImageFolder root")
     vision.add_argument("out", help="output URL of the dataset")
     vision.add_argument("--splits", default="train,val", help="comma-separated split folders to build")
-    vision.add_argument("--resize-shorter", type=int, default=None,
-                        help="downscale so the shorter side is at most N pixels (stored as JPEG)")
-    vision.add_argument("--mask-kind", choices=["block", "inverse_block"], default="block",
-                        help="block: BEiT (data2vec); inverse_block: data2vec 2.0")
-    vision.add_argument("--image-size", type=int, default=224, help="training crop side the masks refer to")
-    vision.add_argument("--patch-size", type=int, default=16, help="patch side of the model: masks are per patch")
+    _image_options(vision)
     _common(vision)
 
     text = sources.add_parser("text", help="raw UTF-8 text (one paragraph per line, blank line between documents)")
@@ -56,7 +72,26 @@ def add_parser(subparsers):
 
     verify = commands.add_parser("verify", help="re-read every shard and check it against dataset.json")
     verify.add_argument("url", help="the dataset (folder holding dataset.json)")
+
+    export = commands.add_parser("export-manifest", help="write fairseq manifests (and the audio) of a speech dataset")
+    export.add_argument("url", help="the dataset (folder holding dataset.json)")
+    export.add_argument("out", help="folder (any fsspec URL) for {split}.tsv/.wrd/.ltr and audio/")
+    export.add_argument("--storage-options", default=None, help="JSON of fsspec options for URL and OUT")
     return commands
+
+
+def _image_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resize-shorter", type=int, default=None,
+                        help="images: downscale so the shorter side is at most N pixels (stored as JPEG)")
+    parser.add_argument("--mask-kind", choices=["block", "inverse_block"], default="block",
+                        help="images: block: BEiT (data2vec); inverse_block: data2vec 2.0")
+    parser.add_argument("--image-size", type=int, default=224, help="images: training crop side the masks refer to")
+    parser.add_argument("--patch-size", type=int, default=16, help="images: patch side of the model (masks are per patch)")
+
+
+def _speech_masks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--mask-prob", type=float, default=0.65, help="share of frames that start a masked span")
+    parser.add_argument("--mask-length", type=int, default=10, help="frames per masked span")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -96,6 +131,12 @@ def run(args: argparse.Namespace) -> int:
             return 1
         print(f"OK: {report.shards} shards, {report.samples} samples verified")
         return 0
+    if args.data_command == "export-manifest":
+        from pipelines.sources.fairseq import export_manifest
+
+        options = json.loads(args.storage_options) if args.storage_options else {}
+        export_manifest(Location(args.url, options), Location(args.out, options))
+        return 0
     raise AssertionError(args.data_command)
 
 
@@ -114,6 +155,22 @@ def _build(args: argparse.Namespace) -> int:
     if args.source == "librispeech":
         inputs, out = [args.src], args.out
         settings = {"subsets": _names(args.subsets), "mask_prob": args.mask_prob, "mask_length": args.mask_length}
+    elif args.source == "fairseq-manifest":
+        inputs, out = [args.src], args.out
+        settings = {"splits": _names(args.splits), "mask_prob": args.mask_prob, "mask_length": args.mask_length}
+    elif args.source == "manifest":
+        from pipelines.sources.manifest import TableColumns
+
+        inputs, out = [args.table], args.out
+        columns = TableColumns(path=args.path_column, id=args.id_column, split=args.split_column,
+                               transcript=args.transcript_column, speaker=args.speaker_column, label=args.label_column,
+                               default_split=args.default_split)
+        settings = {"modality": args.modality, "columns": columns}
+        if args.modality == "speech":
+            settings.update(mask_prob=args.mask_prob, mask_length=args.mask_length)
+        else:
+            settings.update(resize_shorter=args.resize_shorter, mask_kind=args.mask_kind, image_size=args.image_size,
+                            patch_size=args.patch_size)
     elif args.source == "imagenet":
         inputs, out = [args.src], args.out
         settings = {"splits": _names(args.splits), "resize_shorter": args.resize_shorter, "mask_kind": args.mask_kind,

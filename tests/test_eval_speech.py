@@ -52,7 +52,7 @@ def test_ctc_fine_tuning_brings_cer_well_below_the_all_blank_baseline(spoken, tm
     assert result.baseline == {"wer": 1.0, "cer": 1.0}  # an empty transcript deletes every reference letter
     assert result.metrics["cer"] <= 0.8, result.metrics
     assert result.metrics["wer"] <= 1.0
-    assert result.data.train_samples == 60  # the untranscribed utterance is not trained on
+    assert result.data.train_samples == 62  # 60 + the 8 kHz and the stereo one (converted); not the untranscribed one
     assert result.data.eval_samples == 13
     assert len(result.curve) == 800 and result.curve[-1].loss < result.curve[0].loss - 1.0
     assert EvalResult.model_validate_json(out.read_text()) == result
@@ -141,7 +141,7 @@ def test_a_labelled_budget_restricts_the_loader_to_its_utterances(spoken):
     full = StreamingLoader(str(spoken), "train-clean-100", eval_policy(40_000), workers=1)
     everything = labelled_subset(full.index, "all", 0)
     full.close()
-    assert everything.samples == 60  # every transcribed utterance; the untranscribed one is left out
+    assert everything.samples == 62  # every transcribed utterance (two converted); the untranscribed one is left out
 
 
 @pytest.mark.slow

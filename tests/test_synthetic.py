@@ -10,8 +10,7 @@ import pytest
 import soundfile as sf
 from PIL import Image, UnidentifiedImageError
 
-from pipelines.synthetic import make_imagenet, make_librispeech, make_text_corpus
-from pipelines.synthetic import ACCEPTED_FAULTS
+from pipelines.synthetic import ACCEPTED_FAULTS, make_imagenet, make_librispeech, make_text_corpus
 
 SUBSETS = {"train-clean-100": 7, "dev-clean": 3}
 

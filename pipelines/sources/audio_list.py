@@ -2,18 +2,17 @@
 an id, a split and optionally a transcript and a speaker.
 
 A row's path is relative to the list's folder, absolute on the local disk, or any fsspec URL
-(s3://...; the source's storage options apply). Scanning reads every file's header in Dask tasks
+(s3://...; the source's storage options apply: base.listed_file). Scanning reads every file's header in Dask tasks
 (chunks of rows); building decodes and converts it (audio.py). Sources that find their rows in
 other ways subclass AudioListSource and implement `list_rows`.
 """
 from __future__ import annotations
 
-import posixpath
 from abc import abstractmethod
 from dataclasses import dataclass, field
 
 from pipelines.sources.audio import RESAMPLER, TARGET_RATE, AudioError, converted_frames, header, prepare_audio
-from pipelines.sources.base import Encoded, Reject, ScanResult, Source
+from pipelines.sources.base import Encoded, Reject, ScanResult, Source, listed_file
 from pipelines.storage import Location, check_readable
 from schemas import FrameGrid
 
@@ -29,16 +28,7 @@ class Listed:
     path: str  # relative to the list's folder, absolute, or a URL
     transcript: str | None = None
     speaker: str | None = None
-
-
-def open_path(location: Location, fs, root: str, path: str):
-    """(filesystem, path) of a row's file: a URL on its own filesystem, an absolute path on the
-    local disk, anything else under the source's folder."""
-    if "://" in path:
-        return Location(path, location.storage_options).filesystem()
-    if path.startswith("/"):
-        return Location(path).filesystem()
-    return fs, posixpath.join(root, path)
+    frames: int | None = None  # the length the list records (fairseq's n_samples), checked against the file
 
 
 @dataclass(frozen=True)
@@ -79,7 +69,7 @@ class AudioListSource(Source):
 
     def encode(self, fs, root: str, row: dict) -> Encoded | Reject:
         try:
-            file_fs, path = open_path(self.location, fs, root, row["path"])
+            file_fs, path = listed_file(self.location, fs, root, row["path"])
             data = file_fs.cat_file(path)
         except Exception as exc:  # noqa: BLE001
             return _reject(row, "build", "unreadable_file", f"cannot read {row['path']}: {exc}")
@@ -128,7 +118,7 @@ def _scan_rows(items: list[Listed], location: Location, frame_grid: FrameGrid) -
     for item in items:
         base = {"id": item.id, "split": item.split, "path": item.path}
         try:
-            file_fs, path = open_path(location, fs, root, item.path)
+            file_fs, path = listed_file(location, fs, root, item.path)
             size = int(file_fs.size(path) or 0)
         except FileNotFoundError:
             rejects.append(_reject(base, "scan", "missing_audio", f"{item.path} does not exist"))
@@ -143,6 +133,10 @@ def _scan_rows(items: list[Listed], location: Location, frame_grid: FrameGrid) -
             info = header(file_fs, path)
         except Exception as exc:  # noqa: BLE001
             rejects.append(_reject(base, "scan", "undecodable_audio", f"{item.path} has no readable audio header: {exc}"))
+            continue
+        if item.frames is not None and item.frames != info.frames and info.format != "MP3":
+            rejects.append(_reject(base, "scan", "length_mismatch",
+                                   f"{item.path} has {info.frames} samples, the list says {item.frames}"))
             continue
         if frame_grid.frames(converted_frames(info.frames, info.samplerate)) < 1:
             rejects.append(_reject(base, "scan", "too_short", f"{item.path} has {info.frames} samples: too short for one frame"))

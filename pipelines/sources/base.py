@@ -6,6 +6,7 @@ Sources are plain picklable objects: Dask ships them to the workers.
 """
 from __future__ import annotations
 
+import posixpath
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
 
@@ -90,3 +91,14 @@ class Source(ABC):
     def counts(self, manifest: pa.Table) -> dict[str, int]:
         """Notable accepted items known at scan time (builds may add to them)."""
         return {}
+
+
+def listed_file(location: Location, fs, root: str, path: str):
+    """(filesystem, path) of a file a list names (a manifest, a table): a URL on its own
+    filesystem (with the source's storage options), an absolute path on the local disk, anything
+    else under the source's folder."""
+    if "://" in path:
+        return Location(path, location.storage_options).filesystem()
+    if path.startswith("/"):
+        return Location(path).filesystem()
+    return fs, posixpath.join(root, path)

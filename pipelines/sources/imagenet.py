@@ -98,9 +98,13 @@ class ImageNetSource(Source):
         return ScanResult(self.manifest_table(rows), rejects + duplicates, replace(self, classes=tuple(classes)))
 
     # -- build --------------------------------------------------------------------------------
+    def read_file(self, fs, root: str, path: str) -> bytes:
+        """A manifest row's file (tables name files anywhere: manifest.ImageTableSource)."""
+        return fs.cat_file(posixpath.join(root, path))
+
     def encode(self, fs, root: str, row: dict) -> Encoded | Reject:
         try:
-            data = fs.cat_file(posixpath.join(root, row["path"]))
+            data = self.read_file(fs, root, row["path"])
         except Exception as exc:  # noqa: BLE001
             return _reject(row, "build", "unreadable_file", f"cannot read {row['path']}: {exc}")
         try:

@@ -42,13 +42,38 @@ def _text(inputs: list[Location], **options) -> Source:
     return TextSource.create(tuple(inputs), **options)
 
 
+def _fairseq_manifest(inputs: list[Location], *, splits: tuple[str, ...] = (), mask_prob: float = 0.65,
+                      mask_length: int = 10) -> Source:
+    from pipelines.sources.fairseq import FairseqManifestSource
+
+    (root,) = inputs
+    return FairseqManifestSource(root, mask_prob, mask_length, splits=tuple(splits))
+
+
+def _manifest(inputs: list[Location], *, modality: str, columns, mask_prob: float = 0.65, mask_length: int = 10,
+              **image_options) -> Source:
+    """A table file: its folder is the source's location (relative paths start there)."""
+    from pipelines.sources.manifest import ImageTableSource, SpeechTableSource
+
+    (table,) = inputs
+    url = table.url.rstrip("/")
+    folder, name = Location(url.rsplit("/", 1)[0] if "/" in url else ".", table.storage_options), url.rsplit("/", 1)[-1]
+    if modality == "speech":
+        return SpeechTableSource(folder, mask_prob, mask_length, table=name, columns=columns)
+    if modality == "vision":
+        return ImageTableSource(folder, table=name, columns=columns, **image_options)
+    raise ValueError(f"--modality {modality}: manifest tables hold speech or vision items")
+
+
 SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
     SourceKind("librispeech", "speech", _librispeech),
+    SourceKind("fairseq-manifest", "speech", _fairseq_manifest),
+    SourceKind("manifest", "speech or vision", _manifest),
     SourceKind("imagenet", "vision", _imagenet),
     SourceKind("text", "text", _text),
 )}
 # the source the flow builds for each modality
-BY_MODALITY: dict[str, SourceKind] = {kind.modality: kind for kind in SOURCES.values()}
+BY_MODALITY: dict[str, SourceKind] = {SOURCES[name].modality: SOURCES[name] for name in ("librispeech", "imagenet", "text")}
 
 
 def make_source(name: str, inputs: list[Location], **options) -> Source:
