@@ -26,6 +26,14 @@ def add_parser(subparsers):
     _speech_masks(speech)
     _common(speech)
 
+    light = sources.add_parser("librilight", help="Libri-light recordings, cut into pieces at silences")
+    light.add_argument("src", help="folder (any fsspec URL) holding SPEAKER/BOOK/*.flac (+ *.json voice activity)")
+    light.add_argument("out", help="output URL of the dataset")
+    light.add_argument("--max-seconds", type=float, default=30.0, help="longest piece cut from a recording")
+    light.add_argument("--split", default="train", help="the split the pieces go to")
+    _speech_masks(light)
+    _common(light)
+
     fairseq = sources.add_parser("fairseq-manifest", help="fairseq manifests: {split}.tsv (+ .wrd/.ltr labels)")
     fairseq.add_argument("src", help="folder (any fsspec URL) holding the {split}.tsv files")
     fairseq.add_argument("out", help="output URL of the dataset")
@@ -155,6 +163,10 @@ def _build(args: argparse.Namespace) -> int:
     if args.source == "librispeech":
         inputs, out = [args.src], args.out
         settings = {"subsets": _names(args.subsets), "mask_prob": args.mask_prob, "mask_length": args.mask_length}
+    elif args.source == "librilight":
+        inputs, out = [args.src], args.out
+        settings = {"split": args.split, "max_seconds": args.max_seconds, "mask_prob": args.mask_prob,
+                    "mask_length": args.mask_length}
     elif args.source == "fairseq-manifest":
         inputs, out = [args.src], args.out
         settings = {"splits": _names(args.splits), "mask_prob": args.mask_prob, "mask_length": args.mask_length}

@@ -36,6 +36,10 @@ _MANIFEST_EXTRA = {
         pa.field("speaker", pa.string()),
         pa.field("chapter", pa.string()),
         pa.field("transcript", pa.string()),
+        # a piece of a longer recording (Libri-light): its samples [start, stop) at the file's own
+        # rate; null for a whole file
+        pa.field("start", pa.int64()),
+        pa.field("stop", pa.int64()),
     ],
     "vision": [
         pa.field("wnid", pa.string(), nullable=False),

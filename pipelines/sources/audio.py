@@ -78,8 +78,14 @@ def prepare_audio(data: bytes, name: str, *, expected_frames: int | None = None)
         raise AudioError("empty_audio", f"{name} holds no audio samples")
     if rate == TARGET_RATE and channels == 1 and kind == "FLAC" and subtype == "PCM_16":
         return Prepared(data, frames, rate, channels)
+    return prepare_samples(audio, rate, transcoded=kind != "FLAC" or subtype != "PCM_16")
+
+
+def prepare_samples(audio: np.ndarray, rate: int, *, transcoded: bool = True) -> Prepared:
+    """Decoded float samples (frames, channels) at `rate` as the shards store them."""
+    channels = audio.shape[1]
     conversions = tuple(name for name, done in (("resampled", rate != TARGET_RATE), ("downmixed", channels > 1),
-                                                ("transcoded", kind != "FLAC" or subtype != "PCM_16")) if done)
+                                                ("transcoded", transcoded)) if done)
     mono = to_model_rate(audio, rate)
     return Prepared(flac_bytes(mono), len(mono), rate, channels, conversions)
 

@@ -27,6 +27,14 @@ def _librispeech(inputs: list[Location], *, subsets: tuple[str, ...], mask_prob:
     return LibriSpeechSource(root, tuple(subsets), mask_prob, mask_length)
 
 
+def _librilight(inputs: list[Location], *, split: str = "train", max_seconds: float = 30.0, mask_prob: float = 0.65,
+                mask_length: int = 10) -> Source:
+    from pipelines.sources.librilight import LibriLightSource
+
+    (root,) = inputs
+    return LibriLightSource(root, split, max_seconds, mask_prob, mask_length)
+
+
 def _imagenet(inputs: list[Location], *, splits: tuple[str, ...] = ("train", "val"), resize_shorter: int | None = None,
               mask_kind: str = "block", image_size: int = 224, patch_size: int = 16) -> Source:
     from pipelines.sources.imagenet import ImageNetSource
@@ -67,6 +75,7 @@ def _manifest(inputs: list[Location], *, modality: str, columns, mask_prob: floa
 
 SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
     SourceKind("librispeech", "speech", _librispeech),
+    SourceKind("librilight", "speech", _librilight),
     SourceKind("fairseq-manifest", "speech", _fairseq_manifest),
     SourceKind("manifest", "speech or vision", _manifest),
     SourceKind("imagenet", "vision", _imagenet),
