@@ -221,6 +221,18 @@ def test_the_split_roles_pre_train_fine_tune_and_score_default_from_the_splits_b
     command = eval_command(chosen)
     assert command[command.index("--budgets") + 1] == "5m,20m"
     assert command[command.index("--train-split") + 1] == "a" and command[command.index("--eval-split") + 1] == "c"
+    # LibriSpeech 960 h: three subsets pre-trained on as one mix, the trainer's data.splits
+    mixed = PretrainRequest(modality="speech", source="/c", output="/o", splits=["a", "b", "c", "d"],
+                            pretrain_splits=["a", "b", "c"])
+    overrides = mixed.trainer_overrides()
+    assert "data.splits=[a,b,c]" in overrides and not any(o.startswith("data.split=") for o in overrides)
+    from d2v_train.config import load_train_config
+
+    assert load_train_config(None, overrides).data.mix()[2].split == "c"
+    for wrong, message in (({"pretrain_split": "a"}, "not both"), ({"pretrain_splits": ["a", "x"]}, "'x' is not among")):
+        with pytest.raises(ValueError, match=message):
+            PretrainRequest(modality="speech", source="/c", output="/o", splits=["a", "b"],
+                            **{"pretrain_splits": ["a"], **wrong})
 
 
 # -- a real server, the served deployments, the Prefect CLI ------------------------------------------
