@@ -44,7 +44,7 @@ def add_parser(subparsers):
     table = sources.add_parser("manifest", help="a table (CSV/TSV/Parquet/JSON lines) naming audio or image files")
     table.add_argument("table", help="the table file (any fsspec URL); relative paths in it start at its folder")
     table.add_argument("out", help="output URL of the dataset")
-    table.add_argument("--modality", choices=["speech", "vision"], required=True, help="what the files hold")
+    table.add_argument("--modality", choices=["speech", "vision", "text"], required=True, help="what the files hold")
     table.add_argument("--path-column", default="path", help="the file of each row (default: path)")
     table.add_argument("--id-column", default=None, help="sample keys (default: file names without suffix)")
     table.add_argument("--split-column", default=None, help="each row's split (default: --default-split)")
@@ -52,8 +52,11 @@ def add_parser(subparsers):
     table.add_argument("--transcript-column", default=None, help="speech: the transcript")
     table.add_argument("--speaker-column", default=None, help="speech: the speaker")
     table.add_argument("--label-column", default=None, help="vision: class names (sorted into label indexes)")
-    _speech_masks(table)
+    table.add_argument("--mask-prob", type=float, default=None,
+                       help="speech: share of frames that start a masked span (0.65); text: of tokens masked (0.15)")
+    table.add_argument("--mask-length", type=int, default=10, help="speech: frames per masked span")
     _image_options(table)
+    _text_options(table)
     _common(table)
 
     vision = sources.add_parser("imagenet", help="ImageNet (ILSVRC CLS-LOC or ImageFolder)")
@@ -65,13 +68,8 @@ def add_parser(subparsers):
 
     text = sources.add_parser("text", help="raw UTF-8 text (one paragraph per line, blank line between documents)")
     text.add_argument("paths", nargs="+", metavar="FILE... OUT", help="input files (any fsspec URL), then the output URL")
-    vocab = text.add_mutually_exclusive_group()
-    vocab.add_argument("--vocab-size", type=int, default=None, help="train a byte-level BPE of this size on the corpus")
-    vocab.add_argument("--tokenizer", default=None, help="folder with vocab.json + merges.txt (or tokenizer.json)")
-    text.add_argument("--block-size", type=int, default=512, help="tokens per sample, <s> and </s> included")
-    text.add_argument("--valid-fraction", type=float, default=0.01, help="share of documents held out as the valid split")
     text.add_argument("--mask-prob", type=float, default=0.15, help="share of tokens masked")
-    text.add_argument("--mask-span", type=int, default=1, help="1: BERT masking; >1: spans of this many tokens")
+    _text_options(text)
     _common(text)
 
     inspect = commands.add_parser("inspect", help="summarise a built dataset")
@@ -95,6 +93,16 @@ def _image_options(parser: argparse.ArgumentParser) -> None:
                         help="images: block: BEiT (data2vec); inverse_block: data2vec 2.0")
     parser.add_argument("--image-size", type=int, default=224, help="images: training crop side the masks refer to")
     parser.add_argument("--patch-size", type=int, default=16, help="images: patch side of the model (masks are per patch)")
+
+
+def _text_options(parser: argparse.ArgumentParser) -> None:
+    vocab = parser.add_mutually_exclusive_group()
+    vocab.add_argument("--vocab-size", type=int, default=None, help="text: train a byte-level BPE of this size")
+    vocab.add_argument("--tokenizer", default=None, help="text: folder with vocab.json + merges.txt (or tokenizer.json)")
+    parser.add_argument("--block-size", type=int, default=512, help="text: tokens per sample, <s> and </s> included")
+    parser.add_argument("--valid-fraction", type=float, default=0.01,
+                        help="text: share of documents held out as the valid split")
+    parser.add_argument("--mask-span", type=int, default=1, help="text: 1: BERT masking; >1: spans of this many tokens")
 
 
 def _speech_masks(parser: argparse.ArgumentParser) -> None:
@@ -153,6 +161,11 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in text.split(",") if s.strip())
 
 
+def _text_settings(args: argparse.Namespace) -> dict:
+    return {"vocab_size": args.vocab_size, "tokenizer_dir": args.tokenizer, "block_size": args.block_size,
+            "valid_fraction": args.valid_fraction, "mask_span": args.mask_span, "seed": args.seed}
+
+
 def _build(args: argparse.Namespace) -> int:
     from pipelines.build import BuildOptions, build_dataset
     from pipelines.sources.registry import make_source
@@ -179,7 +192,9 @@ def _build(args: argparse.Namespace) -> int:
                                default_split=args.default_split)
         settings = {"modality": args.modality, "columns": columns}
         if args.modality == "speech":
-            settings.update(mask_prob=args.mask_prob, mask_length=args.mask_length)
+            settings.update(mask_prob=0.65 if args.mask_prob is None else args.mask_prob, mask_length=args.mask_length)
+        elif args.modality == "text":
+            settings.update(mask_prob=0.15 if args.mask_prob is None else args.mask_prob, **_text_settings(args))
         else:
             settings.update(resize_shorter=args.resize_shorter, mask_kind=args.mask_kind, image_size=args.image_size,
                             patch_size=args.patch_size)
@@ -191,9 +206,7 @@ def _build(args: argparse.Namespace) -> int:
         if len(args.paths) < 2:
             raise ValueError("d2v data build text: give at least one input FILE and then OUT")
         *inputs, out = args.paths
-        settings = {"vocab_size": args.vocab_size, "tokenizer_dir": args.tokenizer, "block_size": args.block_size,
-                    "valid_fraction": args.valid_fraction, "mask_prob": args.mask_prob, "mask_span": args.mask_span,
-                    "seed": args.seed}
+        settings = {"mask_prob": args.mask_prob, **_text_settings(args)}
     source = make_source(args.source, [Location(i, options) for i in inputs], **settings)
     build_dataset(source, Location(out, options), build_options, workers=args.workers, scheduler=args.scheduler)
     return 0

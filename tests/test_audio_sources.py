@@ -231,3 +231,23 @@ def test_a_table_on_s3_naming_files_on_s3_builds_the_same_shards_as_on_disk(tmp_
     remote = json.loads(fs.cat_file(f"{s3_bucket}/out/dataset.json"))
     assert remote["samples"] == local["samples"] == len(FORMATS)
     assert [s["sha256"] for s in remote["shards"]] == [s["sha256"] for s in local["shards"]]
+
+
+def test_a_text_table_builds_its_files_and_rejects_its_bad_rows(tmp_path):
+    from pipelines.synthetic import make_text_corpus
+
+    spec = make_text_corpus(str(tmp_path / "corpus"), files=3, docs_per_file=4, seed=5)
+    files = sorted(Path(spec.source).glob("*.txt"))
+    rows = [{"path": str(f.relative_to(tmp_path))} for f in files] + [{"path": "corpus/gone.txt"}, {"path": ""}]
+    _write_table(tmp_path / "files.jsonl", rows, "jsonl")
+    run_d2v("data", "build", "manifest", str(tmp_path / "files.jsonl"), str(tmp_path / "out"), "--modality", "text",
+            "--vocab-size", "300", "--block-size", "64", "--shard-size", "50", "--mask-variants", "1", "--workers", "0")
+    info = read_dataset_json(tmp_path / "out")
+    direct = tmp_path / "direct"
+    run_d2v("data", "build", "text", *map(str, files), str(direct), "--vocab-size", "300", "--block-size", "64",
+            "--shard-size", "50", "--mask-variants", "1", "--workers", "0")
+    alone = read_dataset_json(direct)
+    assert info["rejects_by_reason"] == {"missing_file": 1, "bad_row": 1}
+    assert info["samples"] == alone["samples"] and info["counts"]["documents"] == 12
+    assert [s["sha256"] for s in info["shards"]] == [s["sha256"] for s in alone["shards"]]  # the same corpus
+    assert info["source_items"] == info["samples"] + info["rejected"]

@@ -1,12 +1,15 @@
 """Manifest tables: one row per item in a CSV, TSV, Parquet or JSON-lines file (Common Voice's
-TSVs, an image folder with a labels CSV, a Parquet file of paths and transcripts), read with polars.
+TSVs, an image folder with a labels CSV, a Parquet file of paths and transcripts, a list of text
+files), read with polars.
 
 Columns are named by the user: the file's path (relative to the table's folder, absolute, or any
 fsspec URL), and optionally an id (default: the file name without its suffix), a split (default:
 every row in `--default-split`), a transcript and a speaker (speech), a label (images: class names,
 sorted into label indexes; a row without one is unlabelled). Text cells are read as UTF-8; a cell
 that is not (shown with U+FFFD by the lossy decode) rejects its row as `bad_transcript`.
-A row without a path is rejected as `bad_row`; a missing file as `missing_audio`/`unreadable_file`.
+A row without a path is rejected as `bad_row`; a missing file as `missing_audio`/`unreadable_file`
+(text: `missing_file`). Text tables name RoBERTa-format text files, built as `d2v data build text`
+builds them (their documents are the items; the table's rejects are added to the text source's).
 """
 from __future__ import annotations
 
@@ -17,7 +20,8 @@ from dataclasses import dataclass, field, replace
 from pipelines.sources.audio_list import AudioListSource, Listed
 from pipelines.sources.base import Reject, ScanResult, listed_file
 from pipelines.sources.imagenet import UNLABELLED, ImageNetSource, _drop_duplicate_ids, _is_image, _key
-from pipelines.storage import check_readable, join
+from pipelines.sources.text import TextSource
+from pipelines.storage import Location, check_readable, join
 
 TABLE_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".parquet": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl",
                   ".json": "jsonl"}
@@ -151,3 +155,46 @@ class ImageTableSource(ImageNetSource):
     def read_file(self, fs, root: str, path: str) -> bytes:
         file_fs, file_path = listed_file(self.location, fs, root, path)
         return file_fs.cat_file(file_path)
+
+
+@dataclass(frozen=True)
+class TextTableSource(TextSource):
+    """The text files a table names, as one text corpus; the table's bad rows and missing files
+    are rejects of the build beside the documents' own."""
+
+    table: str = ""
+    table_rejects: tuple[Reject, ...] = ()
+
+    @classmethod
+    def from_table(cls, table: Location, columns: TableColumns, **options) -> TextTableSource:
+        url = table.url.rstrip("/")
+        folder = Location(url.rsplit("/", 1)[0], table.storage_options)
+        name = url.rsplit("/", 1)[-1]
+        fs, root = check_readable(folder)
+        files, rejects = [], []
+        for number, values in table_rows(fs, root, name, columns):
+            split = values.get("split") or columns.default_split
+            problem = _first_problem(name, number, values, split)
+            if problem is None:
+                file_fs, path = listed_file(folder, fs, root, values["path"])
+                if not file_fs.isfile(path):
+                    problem = Reject(_stem(values["path"]), split, values["path"], "scan", "missing_file",
+                                     f"{name} row {number}: {values['path']} does not exist")
+            if problem:
+                rejects.append(problem)
+            else:
+                files.append(Location(values["path"] if "://" in values["path"] else
+                                      (values["path"] if values["path"].startswith("/") else
+                                       f"{folder.url.rstrip('/')}/{values['path']}"), table.storage_options))
+        if not files:
+            raise ValueError(f"{name} names no text file that exists ({len(rejects)} rows rejected)")
+        text = TextSource.create(tuple(files), **options)
+        return cls(**{f: getattr(text, f) for f in text.__dataclass_fields__}, table=name,
+                   table_rejects=tuple(rejects))
+
+    def build_params(self) -> dict:
+        return {**super().build_params(), "manifest": "table", "table": self.table}
+
+    def scan(self, runner) -> ScanResult:
+        result = super().scan(runner)
+        return replace(result, rejects=list(self.table_rejects) + result.rejects)

@@ -59,25 +59,27 @@ def _fairseq_manifest(inputs: list[Location], *, splits: tuple[str, ...] = (), m
 
 
 def _manifest(inputs: list[Location], *, modality: str, columns, mask_prob: float = 0.65, mask_length: int = 10,
-              **image_options) -> Source:
+              **options) -> Source:
     """A table file: its folder is the source's location (relative paths start there)."""
-    from pipelines.sources.manifest import ImageTableSource, SpeechTableSource
+    from pipelines.sources.manifest import ImageTableSource, SpeechTableSource, TextTableSource
 
     (table,) = inputs
+    if modality == "text":
+        return TextTableSource.from_table(table, columns, mask_prob=mask_prob, **options)
     url = table.url.rstrip("/")
     folder, name = Location(url.rsplit("/", 1)[0] if "/" in url else ".", table.storage_options), url.rsplit("/", 1)[-1]
     if modality == "speech":
         return SpeechTableSource(folder, mask_prob, mask_length, table=name, columns=columns)
     if modality == "vision":
-        return ImageTableSource(folder, table=name, columns=columns, **image_options)
-    raise ValueError(f"--modality {modality}: manifest tables hold speech or vision items")
+        return ImageTableSource(folder, table=name, columns=columns, **options)
+    raise ValueError(f"--modality {modality}: manifest tables hold speech, vision or text items")
 
 
 SOURCES: dict[str, SourceKind] = {kind.name: kind for kind in (
     SourceKind("librispeech", "speech", _librispeech),
     SourceKind("librilight", "speech", _librilight),
     SourceKind("fairseq-manifest", "speech", _fairseq_manifest),
-    SourceKind("manifest", "speech or vision", _manifest),
+    SourceKind("manifest", "speech, vision or text", _manifest),
     SourceKind("imagenet", "vision", _imagenet),
     SourceKind("text", "text", _text),
 )}
