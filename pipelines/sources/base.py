@@ -22,7 +22,7 @@ class Reject:
     split: str | None
     path: str | None
     stage: str  # "scan" or "build"
-    reason: str  # short code, e.g. "wrong_sample_rate"
+    reason: str  # short code, e.g. "truncated_audio"
     detail: str  # a sentence a person can act on
 
     def to_row(self) -> dict:
