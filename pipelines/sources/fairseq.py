@@ -111,8 +111,9 @@ def export_manifest(location: Location, out: Location, *, echo=print) -> dict[st
     for split in dataset.splits:
         lines, transcripts = [audio_root], []
         for shard in dataset.shards_of(split):
-            index = pq.read_table(fs.open(join(root, shard.index), "rb"),
-                                  columns=["key", "data_offset", "data_bytes", "num_samples", "transcript"]).to_pylist()
+            with fs.open(join(root, shard.index), "rb") as f:
+                index = pq.read_table(f, columns=["key", "data_offset", "data_bytes", "num_samples",
+                                                  "transcript"]).to_pylist()
             tar = fs.cat_file(join(root, shard.name))
             for row in index:
                 relative = f"{split}/{row['key']}.flac"
