@@ -158,9 +158,18 @@ class GuardConfig(_Strict):
     nonfinite: Literal["stop", "skip"] = "stop"
 
 
+class InitConfig(_Strict):
+    """Where a new run's weights come from: a d2v checkpoint (`d2v import hf|fairseq` writes one
+    from released weights), or None for a seeded random initialisation."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    from_: str | None = Field(None, alias="from")  # init.from=CHECKPOINT: its encoder, a fresh optimizer, step 0
+
+
 class TrainConfig(_Strict):
     model: ModelConfig
     data: DataConfig
+    init: InitConfig = InitConfig()
     optim: OptimConfig = OptimConfig()
     train: LoopConfig
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -57,6 +57,8 @@ class Trainer:
             torch.use_deterministic_algorithms(True)
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         self.model = build_model(cfg.model).to(self.world.device)
+        if cfg.init.from_:  # before the teacher is copied from the student; a resume overrides it
+            initialise_from(self.model, cfg.init.from_, cfg.model)
         self.teacher = self.model.make_teacher().to(self.world.device)
         # the teacher never runs backward: nothing to recompute
         # the models say what is sharded, compiled and recomputed unit by unit
@@ -263,3 +265,21 @@ def _memory_mb(device: torch.device) -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def initialise_from(model, url: str, architecture) -> None:
+    """The student encoder of checkpoint `url` into `model` (init.from): every tensor must have its
+    shape here (dropout rates and the objective may differ; the regression head stays fresh)."""
+    from d2v_train.export import load_model
+
+    saved, imported, folder = load_model(url)
+    if saved.model.modality != architecture.modality:
+        raise ValueError(f"init.from: {folder} holds a {saved.model.modality} model, this run trains {architecture.modality}")
+    ours = {k: tuple(v.shape) for k, v in model.student.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in imported.student.state_dict().items()}
+    differ = sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+    if differ:
+        shown = ", ".join(f"{k} {theirs.get(k)} vs {ours.get(k)}" for k in differ[:3])
+        raise ValueError(f"init.from: {folder} holds another architecture ({len(differ)} tensors differ: {shown}); "
+                         f"use its model settings (its train_config.json), or another checkpoint")
+    model.student.load_state_dict(imported.student.state_dict())

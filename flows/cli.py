@@ -19,6 +19,16 @@ def build_parser() -> argparse.ArgumentParser:
     export = subparsers.add_parser("export-hf", help="write a checkpoint's encoder as an HF transformers model folder")
     export.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
     export.add_argument("out_dir", help="folder for config.json and model.safetensors")
+    imports = subparsers.add_parser("import", help="released weights (HF folder, fairseq .pt) as a d2v checkpoint")
+    kinds = imports.add_subparsers(dest="import_kind", required=True)
+    hf = kinds.add_parser("hf", help="an HF Data2Vec{Audio,Vision,Text} model folder")
+    hf.add_argument("src", help="the folder (any fsspec URL) with config.json and model.safetensors")
+    hf.add_argument("out", help="the d2v checkpoint folder to write")
+    fairseq = kinds.add_parser("fairseq", help="a fairseq data2vec audio checkpoint (.pt, loaded weights-only)")
+    fairseq.add_argument("src", help="the .pt file (any fsspec URL)")
+    fairseq.add_argument("out", help="the d2v checkpoint folder to write")
+    fairseq.add_argument("--heads", type=int, default=None,
+                         help="attention heads (default: the file's cfg, else width / 64)")
     encode = subparsers.add_parser("encode", help="representations of audio, image or text files")
     encode.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
     encode.add_argument("inputs", nargs="+", metavar="INPUT", help="audio, image or text files (URLs) to encode")
@@ -72,6 +82,13 @@ def _run(args, extra: list[str], exit_after_eval: bool) -> int:
         return 0
     if args.command == "encode":
         return _encode(args)
+    if args.command == "import":
+        from d2v_train.imports import import_fairseq, import_hf
+
+        folder = import_hf(args.src, args.out) if args.import_kind == "hf" else \
+            import_fairseq(args.src, args.out, heads=args.heads)
+        print(f"wrote {folder}")
+        return 0
     if args.command == "demo":
         from flows.demo import run_demo
 
