@@ -75,6 +75,20 @@ def test_letter_vocabulary_round_trip():
     assert ctc.normalise_reference("Hello, world 42 !") == "HELLO WORLD"
 
 
+def test_a_vocabulary_from_the_data_keeps_every_character():
+    vocab = ctc.Vocabulary.from_transcripts(["Ça va très bien", "ÉTÉ À l'école"])
+    assert vocab.kind == "data" and vocab.symbols[:2] == ("<blank>", "|")
+    assert set("ÇÉÈÀ'") <= set(vocab.symbols) and "ç" not in vocab.symbols and " " not in vocab.symbols
+    ids, dropped = vocab.encode("très été")
+    assert dropped == 0 and vocab.greedy_decode(np.array(ids)) == "TRÈS ÉTÉ"
+    assert vocab.reference("  très   Été 2! ") == "TRÈS ÉTÉ 2!"  # scored as written: unseen characters count
+    letters = ctc.Vocabulary.named("letters", [])
+    assert letters.encode("très été") == ([letters.ids[c] for c in "TRS|T"], 3)
+    assert letters.reference("très été") == "TRS T"
+    with pytest.raises(ValueError, match="--vocab 'words'"):
+        ctc.Vocabulary.named("words", [])
+
+
 def test_greedy_decoding_merges_repeats_and_needs_a_blank_between_double_letters():
     L, O, bar, blank = (ctc.SYMBOLS.index(s) for s in ("L", "O", "|", "<blank>"))
     assert ctc.greedy_decode(np.array([L, L, L, O])) == "LO"

@@ -177,3 +177,36 @@ def test_the_curve_runs_every_checkpoint_budget_and_seed_and_reports_the_gain(sp
     refused = run_d2v("eval", "curve", "speech-ctc", "--checkpoint", "random", "--model", "speech_tiny",
                       "--budgets", "30s,lots", "--out", str(out), *common, check=False, env=ONE_THREAD)
     assert refused.returncode == 2 and "--budgets 'lots'" in refused.stderr
+
+
+ACCENTS = str.maketrans({"E": "É", "A": "À", "O": "Ö", "C": "Ç"})
+
+
+@pytest.mark.slow
+def test_a_vocabulary_from_the_data_learns_accented_letters_and_drops_none(tmp_path):
+    """The letter-tone corpus with four letters written accented (the tone of E is written É): with
+    --vocab data they are output characters, nothing is dropped and CTC learns them."""
+    spec = synthetic.make_librispeech(str(tmp_path / "corpus"), {"train-clean-100": 40, "dev-clean": 8}, seed=5,
+                                      spoken=True, words=(2, 3))
+    for path in (tmp_path / "corpus").rglob("*.trans.txt"):
+        lines = [line.split(" ", 1) for line in path.read_text().splitlines()]
+        path.write_text("".join(f"{utt} {text.translate(ACCENTS)}\n" for utt, text in lines))
+    build_dataset(LibriSpeechSource(Location(spec.source), ("train-clean-100", "dev-clean")),
+                  Location(str(tmp_path / "data")), BuildOptions(ShardSize.parse("20"), 1, 0), workers=0,
+                  echo=lambda *_: None)
+    result = _result(run_d2v(
+        "eval", "speech-ctc", "--checkpoint", "random", "--model", "speech_tiny", "--data", str(tmp_path / "data"),
+        *SPLITS, "--vocab", "data", "--steps", "300", "--lr", "3e-3", "--max-tokens", "200000", "--mask-prob", "0.2",
+        "--mask-channel-prob", "0", "--freeze-transformer-steps", "0", "--log-every", "100", "--json",
+        env=ONE_THREAD).stdout)
+    chosen = result.hyperparameters
+    assert chosen["vocab"] == "data" and set("ÉÀÖÇ") <= set(chosen["vocabulary"])
+    assert not set("EAOC") & set(chosen["vocabulary"])  # every one of them is written accented
+    assert chosen["dropped_characters"] == 0  # no training target lost a character
+    # every reference character is scored, accents included (the letters would drop them)
+    dev = [line.split(" ", 1)[1] for path in (tmp_path / "corpus").rglob("*.trans.txt") if "dev-clean" in str(path)
+           for line in path.read_text().splitlines()]
+    assert chosen["chars"] == sum(len(" ".join(text.split())) for text in dev)
+    assert any(c in "".join(dev) for c in "ÉÀÖÇ")
+    losses = [point.loss for point in result.curve]
+    assert sum(losses[-20:]) / 20 < sum(losses[:20]) / 20 - 0.5, (losses[:3], losses[-3:])  # CTC learns

@@ -72,6 +72,9 @@ class SpeechCTCConfig(EvalConfig):
     dropout: float = option(0.0, "Transformer dropout and attention dropout")
     activation_dropout: float = option(0.1, "dropout inside the feed-forward blocks")
     layer_drop: float = option(0.05, "probability of skipping a block per update")
+    vocab: Literal["letters", "data"] = option("letters", "output characters: letters (blank, |, A-Z, '; LibriSpeech, "
+                                                          "the default) or data (every character of the labelled "
+                                                          "transcripts: other languages keep theirs)")
 
     @field_validator("mask_prob")
     @classmethod
@@ -156,6 +159,8 @@ def add_options(parser: argparse.ArgumentParser, task: str) -> None:
         extra = {"required": True} if field.is_required() else {"default": field.default}
         if "metavar" in cli:
             extra["metavar"] = cli["metavar"]
+        if kind is typing.Literal:
+            extra["choices"], kind = list(typing.get_args(field.annotation)), str
         target.add_argument(flag, type=_pair if kind is tuple else kind, help=field.description, **extra)
     parser.add_argument("--out", default=None, help="write the whole result JSON here (any fsspec URL)")
     parser.add_argument("--json", action="store_true",

@@ -61,12 +61,13 @@ def with_recipe(cfg: SpeechCTCConfig, dim: int) -> tuple[SpeechCTCConfig, str]:
 
 
 class CTCModel(nn.Module):
-    """The speech encoder with a letter classifier on every frame."""
+    """The speech encoder with a character classifier on every frame (the vocabulary's size)."""
 
-    def __init__(self, backbone: Backbone, train_feature_encoder: bool = False):
+    def __init__(self, backbone: Backbone, train_feature_encoder: bool = False, vocab: ctc.Vocabulary | None = None):
         super().__init__()
         self.encoder = backbone.encoder
-        self.classifier = nn.Linear(backbone.model.encoder.dim, len(ctc.SYMBOLS))
+        self.vocab = vocab or ctc.Vocabulary()
+        self.classifier = nn.Linear(backbone.model.encoder.dim, len(vocab))
         self.train_feature_encoder = train_feature_encoder
         for p in self.encoder.frontend.feature_extractor.parameters():
             p.requires_grad_(train_feature_encoder)
@@ -122,7 +123,7 @@ def draw_channel_masks(batch_size: int, dim: int, prob: float, length: int,
     return compute_span_masks(np.full(batch_size, dim), prob, length, rng, min_masks=0)
 
 
-def _transcribed(batches, stats: dict):
+def _transcribed(batches, stats: dict, vocab: ctc.Vocabulary):
     """Training batches without untranscribed rows (they have nothing to align); label ids attached."""
     for batch in batches:
         rows = [i for i, text in enumerate(batch.get("transcripts") or []) if text]
@@ -135,7 +136,7 @@ def _transcribed(batches, stats: dict):
                      "transcripts": [batch["transcripts"][i] for i in rows]}
         labels = []
         for text in batch["transcripts"]:
-            ids, dropped = ctc.encode_transcript(text)
+            ids, dropped = vocab.encode(text)
             stats["dropped_characters"] += dropped
             labels.append(ids)
         batch["labels"] = labels
@@ -163,10 +164,6 @@ def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResu
                       warmup=0.1, hold=0.4, final_lr_scale=0.05)
     finetune.set_dropout(backbone.encoder, dropout=cfg.dropout, attention_dropout=cfg.dropout,
                          activation_dropout=cfg.activation_dropout, layer_drop=cfg.layer_drop)
-    model = CTCModel(backbone, cfg.train_feature_encoder).to(world.device)
-    torch.manual_seed(cfg.seed)  # the classifier starts alike on every rank
-    model.classifier.reset_parameters()
-
     train_loader = StreamingLoader(cfg.data, cfg.train_split,
                                    BatchPolicy(max_tokens=cfg.max_tokens, shuffle=True, crop=False, tail="drop"),
                                    rank=world.rank, world_size=world.size, seed=cfg.seed, train=True,
@@ -189,6 +186,11 @@ def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResu
         train_samples = subset.samples
         runtime.log(world, f"speech-ctc: labelled budget {subset.budget}: {subset.samples} utterances, "
                            f"{subset.seconds / 60:.1f} min, {subset.groups} speakers")
+    # the same on every rank: the labelled transcripts are
+    vocab = ctc.Vocabulary.named(cfg.vocab, [t for t in train_loader.index.columns.get("transcript") or [] if t])
+    model = CTCModel(backbone, cfg.train_feature_encoder, vocab).to(world.device)
+    torch.manual_seed(cfg.seed)  # the classifier starts alike on every rank
+    model.classifier.reset_parameters()
     stats = {"dropped_characters": 0}
     rng = np.random.default_rng([cfg.seed, world.rank, 17])
 
@@ -210,7 +212,7 @@ def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResu
         return loss / max(1, sum(len(t) for t in targets))  # per target letter: batch-size independent
 
     try:
-        curve = finetune.fit(model, _transcribed(finetune.forever(train_loader), stats), loss_fn, steps=steps,
+        curve = finetune.fit(model, _transcribed(finetune.forever(train_loader), stats, vocab), loss_fn, steps=steps,
                              cfg=optim, world=world, log_every=cfg.log_every, what="CTC fine-tune") if steps else []
     finally:
         train_loader.close()
@@ -234,6 +236,7 @@ def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResu
                          "mask_channel_length": min(cfg.mask_channel_length, backbone.model.encoder.dim // 4),
                          "freeze_transformer_steps": freeze_steps,
                          "train_feature_encoder": cfg.train_feature_encoder, "decoding": "greedy",
+                         "vocab": cfg.vocab, "vocabulary": "".join(vocab.symbols[2:]),
                          "dropout": cfg.dropout, "activation_dropout": cfg.activation_dropout,
                          "layer_drop": cfg.layer_drop,
                          "untranscribed_eval_utterances": skipped, "dropped_characters": dropped,
@@ -284,8 +287,8 @@ def score(model: CTCModel, cfg: SpeechCTCConfig, world: World) -> tuple[ErrorCou
                 if not text:
                     skipped += 1
                     continue
-                references.append(ctc.normalise_reference(text))
-                hypotheses.append(ctc.greedy_decode(best_T[:frames]))
+                references.append(model.vocab.reference(text))
+                hypotheses.append(model.vocab.greedy_decode(best_T[:frames]))
     finally:
         loader.close()
     model.train()
