@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     fairseq.add_argument("out", help="the d2v checkpoint folder to write")
     fairseq.add_argument("--heads", type=int, default=None,
                          help="attention heads (default: the file's cfg, else width / 64)")
+    lm = subparsers.add_parser("lm", help="word n-gram language models for CTC decoding")
+    lm_commands = lm.add_subparsers(dest="lm_command", required=True)
+    lm_build = lm_commands.add_parser("build", help="estimate an ARPA n-gram LM from a text file (one sentence a line)")
+    lm_build.add_argument("text", help="the text file (any fsspec URL)")
+    lm_build.add_argument("out", help="the ARPA file to write (OUT.arpa)")
+    lm_build.add_argument("--order", type=int, default=4, help="n of the n-grams (default 4)")
     encode = subparsers.add_parser("encode", help="representations of audio, image or text files")
     encode.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
     encode.add_argument("inputs", nargs="+", metavar="INPUT", help="audio, image or text files (URLs) to encode")
@@ -82,6 +88,12 @@ def _run(args, extra: list[str], exit_after_eval: bool) -> int:
         return 0
     if args.command == "encode":
         return _encode(args)
+    if args.command == "lm":
+        from d2v_train.eval.lm import build_lm
+
+        counts = build_lm(args.text, args.out, args.order)
+        print(f"wrote {args.out}: " + ", ".join(f"{n}-grams {c}" for n, c in counts.items()))
+        return 0
     if args.command == "import":
         from d2v_train.imports import import_fairseq, import_hf
 

@@ -89,6 +89,60 @@ def test_a_vocabulary_from_the_data_keeps_every_character():
         ctc.Vocabulary.named("words", [])
 
 
+class _WordList:
+    """A word LM for tests: known words log10 P = -1, others -6; no state."""
+
+    def __init__(self, words):
+        self.words = set(words)
+
+    def start(self):
+        return None
+
+    def word(self, state, word):
+        return (-1.0 if word in self.words else -6.0), state
+
+    def end(self, state):
+        return 0.0
+
+
+def _frames(*rows):
+    """Log probabilities over the letters vocabulary from {symbol: probability} rows (rest: blank)."""
+    out = np.full((len(rows), len(ctc.SYMBOLS)), 1e-6)
+    for t, row in enumerate(rows):
+        for symbol, p in row.items():
+            out[t, ctc.SYMBOLS.index(symbol)] = p
+        out[t, 0] = max(1e-6, 1 - sum(row.values()))
+    return np.log(out / out.sum(1, keepdims=True))
+
+
+def test_the_prefix_beam_search_follows_ctc_and_lets_the_lm_choose_words():
+    from d2v_train.eval.lm import prefix_beam_search
+
+    clear = _frames({"C": 0.9}, {"A": 0.9}, {}, {"A": 0.9}, {"|": 0.9}, {"T": 0.9}, {"T": 0.9})
+    assert prefix_beam_search(clear, ctc.SYMBOLS) == ctc.greedy_decode(clear.argmax(1)) == "CAA T"
+    # the last letter of the second word: Q a little likelier than T
+    unsure = _frames({"C": 0.9}, {"A": 0.9}, {"T": 0.9}, {"|": 0.9}, {"C": 0.9}, {"A": 0.9}, {"Q": 0.5, "T": 0.4})
+    assert prefix_beam_search(unsure, ctc.SYMBOLS) == "CAT CAQ"  # CTC alone
+    lm = _WordList(["CAT"])
+    assert prefix_beam_search(unsure, ctc.SYMBOLS, lm, lm_weight=0.5, word_score=0.0) == "CAT CAT"
+    assert prefix_beam_search(unsure, ctc.SYMBOLS, lm, lm_weight=0.0, word_score=0.0) == "CAT CAQ"
+
+
+def test_an_estimated_arpa_model_is_normalised_and_read_by_kenlm(tmp_path):
+    kenlm = pytest.importorskip("kenlm")
+    from d2v_train.eval.lm import estimate_arpa
+
+    (tmp_path / "lm.arpa").write_text(estimate_arpa(["the cat sat on the mat", "the dog sat", "a cat"], 3))
+    model = kenlm.Model(str(tmp_path / "lm.arpa"))
+    assert model.order == 3
+    assert model.score("THE CAT SAT") > model.score("SAT CAT THE") + 1
+    start, after = kenlm.State(), kenlm.State()
+    model.BeginSentenceWrite(start)
+    model.BaseScore(start, "THE", after)
+    words = ["THE", "CAT", "SAT", "ON", "MAT", "DOG", "A", "</s>", "<unk>"]
+    assert sum(10 ** model.BaseScore(after, w, kenlm.State()) for w in words) == pytest.approx(1.0, abs=1e-5)
+
+
 def test_greedy_decoding_merges_repeats_and_needs_a_blank_between_double_letters():
     L, O, bar, blank = (ctc.SYMBOLS.index(s) for s in ("L", "O", "|", "<blank>"))
     assert ctc.greedy_decode(np.array([L, L, L, O])) == "LO"

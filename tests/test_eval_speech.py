@@ -43,11 +43,21 @@ def _result(stdout: str) -> EvalResult:
 
 @pytest.mark.slow
 def test_ctc_fine_tuning_brings_cer_well_below_the_all_blank_baseline(spoken, tmp_path):
+    # a word 4-gram LM of the corpus's sentences: the beam search with it must beat greedy decoding
+    sentences = [line.split(" ", 1)[1] for path in (spoken.parent / "corpus").rglob("*.trans.txt")
+                 for line in path.read_text().splitlines()]
+    (tmp_path / "text.txt").write_text("".join(f"{s}\n" for s in sentences))
+    built = run_d2v("lm", "build", str(tmp_path / "text.txt"), str(tmp_path / "lm.arpa"), "--order", "4").stdout
+    assert "1-grams" in built and (tmp_path / "lm.arpa").read_text().startswith("\n\\data\\")
     out = tmp_path / "results" / "random.json"
     result = _result(run_d2v(
         "eval", "speech-ctc", "--checkpoint", "random", "--model", "speech_tiny", "--data", str(spoken), *SPLITS,
         "--steps", "800", "--lr", "3e-3", "--max-tokens", "200000", "--mask-prob", "0.2", "--mask-channel-prob", "0",
-        "--freeze-transformer-steps", "0", "--log-every", "200", "--out", str(out), "--json", env=ONE_THREAD).stdout)
+        "--freeze-transformer-steps", "0", "--log-every", "200", "--out", str(out), "--json",
+        "--lm", str(tmp_path / "lm.arpa"), env=ONE_THREAD).stdout)
+    assert result.metrics["wer_lm"] < result.metrics["wer"] - 0.1, result.metrics
+    assert result.metrics["cer_lm"] < result.metrics["cer"], result.metrics
+    assert result.hyperparameters["lm_weight"] == 0.5 and "beam search" in result.hyperparameters["decoding"]
     assert result.task == "speech-ctc" and result.label == "random" and result.checkpoint.url == "random"
     assert result.baseline == {"wer": 1.0, "cer": 1.0}  # an empty transcript deletes every reference letter
     assert result.metrics["cer"] <= 0.8, result.metrics

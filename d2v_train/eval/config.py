@@ -72,6 +72,11 @@ class SpeechCTCConfig(EvalConfig):
     dropout: float = option(0.0, "Transformer dropout and attention dropout")
     activation_dropout: float = option(0.1, "dropout inside the feed-forward blocks")
     layer_drop: float = option(0.05, "probability of skipping a block per update")
+    lm: str | None = option(None, "a word n-gram LM (ARPA or KenLM binary, any URL; `d2v lm build` makes one): "
+                                  "scores are then also given for beam search with it (wer_lm, cer_lm)")
+    lm_weight: float = option(0.5, "the LM's weight in the beam search (alpha)")
+    word_score: float = option(1.0, "score added per word (beta): longer outputs against the LM's brevity")
+    beam: int = option(50, "beams kept by the LM beam search")
     vocab: Literal["letters", "data"] = option("letters", "output characters: letters (blank, |, A-Z, '; LibriSpeech, "
                                                           "the default) or data (every character of the labelled "
                                                           "transcripts: other languages keep theirs)")

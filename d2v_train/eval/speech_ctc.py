@@ -1,4 +1,5 @@
-"""`d2v eval speech-ctc`: CTC fine-tuning on transcribed speech shards, then greedy WER and CER.
+"""`d2v eval speech-ctc`: CTC fine-tuning on transcribed speech shards, then greedy WER and CER
+(and with --lm, those of a beam search with a word n-gram LM beside them, as the paper decodes).
 
 The recipe of DATA2VEC.md section 6: a linear letter classifier on the encoder, the CNN feature
 encoder frozen, span masking of time steps (mask embedding) and channels while fine-tuning, a
@@ -158,6 +159,10 @@ def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResu
     if backbone.modality != "speech":
         raise ValueError(f"speech-ctc needs a speech encoder; the checkpoint's is {backbone.modality}")
     _check_splits(cfg)
+    if cfg.lm:
+        from d2v_train.eval.lm import check_lm
+
+        check_lm(cfg.lm)
     cfg, recipe = with_recipe(cfg, backbone.model.encoder.dim)
     steps, freeze_steps = cfg.steps, cfg.freeze_transformer_steps
     optim = OptimConfig(lr=cfg.lr, betas=(0.9, 0.98), eps=1e-8, weight_decay=0.0, schedule="tri_stage",
@@ -216,11 +221,12 @@ def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResu
                              cfg=optim, world=world, log_every=cfg.log_every, what="CTC fine-tune") if steps else []
     finally:
         train_loader.close()
-    counts, baseline_counts, scored, skipped = score(model, cfg, world)
+    counts, baseline_counts, scored, skipped, lm_counts = score(model, cfg, world)
+    with_lm = {} if lm_counts is None else {"wer_lm": lm_counts.wer, "cer_lm": lm_counts.cer}
     dropped = int(runtime.sum_across([stats["dropped_characters"]], world)[0])
     return EvalResult(
         task="speech-ctc", label=cfg.label or backbone.label,
-        metrics={"wer": counts.wer, "cer": counts.cer},
+        metrics={"wer": counts.wer, "cer": counts.cer, **with_lm},
         baseline={"wer": baseline_counts.wer, "cer": baseline_counts.cer},
         checkpoint=backbone.ref,
         data=DataRef(url=cfg.data, train_split=cfg.train_split, eval_split=cfg.eval_split,
@@ -235,7 +241,10 @@ def evaluate(cfg: SpeechCTCConfig, world: World, backbone: Backbone) -> EvalResu
                          "mask_channel_prob": cfg.mask_channel_prob,
                          "mask_channel_length": min(cfg.mask_channel_length, backbone.model.encoder.dim // 4),
                          "freeze_transformer_steps": freeze_steps,
-                         "train_feature_encoder": cfg.train_feature_encoder, "decoding": "greedy",
+                         "train_feature_encoder": cfg.train_feature_encoder,
+                         "decoding": "greedy" if lm_counts is None else "greedy, and beam search with the LM",
+                         **({} if lm_counts is None else {"lm": cfg.lm, "lm_weight": cfg.lm_weight,
+                                                         "word_score": cfg.word_score, "beam": cfg.beam}),
                          "vocab": cfg.vocab, "vocabulary": "".join(vocab.symbols[2:]),
                          "dropout": cfg.dropout, "activation_dropout": cfg.activation_dropout,
                          "layer_drop": cfg.layer_drop,
@@ -268,9 +277,18 @@ def eval_policy(max_tokens: int) -> BatchPolicy:
 
 
 @torch.no_grad()
-def score(model: CTCModel, cfg: SpeechCTCConfig, world: World) -> tuple[ErrorCounts, ErrorCounts, int, int]:
+def score(model: CTCModel, cfg: SpeechCTCConfig,
+          world: World) -> tuple[ErrorCounts, ErrorCounts, int, int, ErrorCounts | None]:
     """Greedy transcripts of every utterance of the eval split, scored across ranks: (model
-    counts, all-blank counts, utterances scored, untranscribed utterances left out)."""
+    counts, all-blank counts, utterances scored, untranscribed utterances left out, and with
+    --lm the counts of the LM beam search, else None)."""
+    decoder = None
+    if cfg.lm:
+        from d2v_train.eval.lm import BeamDecoder
+
+        decoder = BeamDecoder(model.vocab.symbols, cfg.lm, lm_weight=cfg.lm_weight, word_score=cfg.word_score,
+                              beam=cfg.beam)
+    with_lm: list[str] = []
     loader = StreamingLoader(cfg.data, cfg.eval_split, eval_policy(cfg.eval_max_tokens or cfg.max_tokens), rank=world.rank, world_size=world.size,
                              seed=cfg.seed, train=False, workers=cfg.workers)
     model.eval()
@@ -283,18 +301,24 @@ def score(model: CTCModel, cfg: SpeechCTCConfig, world: World) -> tuple[ErrorCou
             logits_BTV, padding_BT = model(batch)
             best_BT = logits_BTV.argmax(-1).cpu().numpy()
             frames_B = (~padding_BT).sum(-1).cpu().numpy()
-            for text, best_T, frames in zip(batch.get("transcripts") or [None] * len(frames_B), best_BT, frames_B):
+            log_probs_BTV = F.log_softmax(logits_BTV.float(), dim=-1).cpu().numpy() if decoder else None
+            for b, (text, best_T, frames) in enumerate(zip(batch.get("transcripts") or [None] * len(frames_B),
+                                                          best_BT, frames_B)):
                 if not text:
                     skipped += 1
                     continue
                 references.append(model.vocab.reference(text))
                 hypotheses.append(model.vocab.greedy_decode(best_T[:frames]))
+                if decoder is not None:
+                    with_lm.append(decoder.decode(log_probs_BTV[b, :frames]))
     finally:
         loader.close()
     model.train()
     local = error_counts(references, hypotheses)
     blank = error_counts(references, [""] * len(references))
-    totals = runtime.sum_across(local.as_list() + blank.as_list() + [len(references), skipped], world)
+    lm = error_counts(references, with_lm) if decoder is not None else ErrorCounts()
+    totals = runtime.sum_across(local.as_list() + blank.as_list() + [len(references), skipped] + lm.as_list(), world)
     ints = [int(v) for v in totals]
-    return ErrorCounts(*ints[0:4]), ErrorCounts(*ints[4:8]), ints[8], ints[9]
+    return (ErrorCounts(*ints[0:4]), ErrorCounts(*ints[4:8]), ints[8], ints[9],
+            ErrorCounts(*ints[10:14]) if decoder is not None else None)
 
