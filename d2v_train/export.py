@@ -44,8 +44,10 @@ def load_model(url: str) -> tuple[TrainConfig, nn.Module, str]:
     return cfg, model.eval(), folder
 
 
-def export_hf(url: str, out_dir: str) -> Path:
-    """config.json + model.safetensors that `from_pretrained` of the matching HF class loads."""
+def export_hf(url: str, out_dir: str, *, remote_code: bool = False) -> Path:
+    """config.json + model.safetensors that `from_pretrained` of the matching HF class loads; for an
+    encoder HF has no class for (data2vec 2.0), or with `remote_code`, a folder with its own
+    modeling file for `trust_remote_code=True` (export_remote.py)."""
     from importlib import import_module
 
     from safetensors.torch import save_file
@@ -53,8 +55,19 @@ def export_hf(url: str, out_dir: str) -> Path:
     cfg, model, folder = load_model(url)
     module_name, to_hf_name, config_name, model_type, architecture = _HF[cfg.model.modality]
     module = import_module(module_name)
+    try:
+        if remote_code:
+            raise ValueError("asked for")
+        hf_config = {**getattr(module, config_name)(cfg.model), "model_type": model_type,
+                     "architectures": [architecture]}
+    except ValueError as why:  # an architecture HF's classes cannot express
+        from d2v_train.export_remote import export_remote_code
+
+        if not remote_code:
+            print(f"HF's {architecture} cannot hold this encoder ({why}): writing it with its own modeling file; "
+                  "load it with AutoModel.from_pretrained(DIR, trust_remote_code=True)")
+        return export_remote_code(cfg, model, Path(out_dir), folder)
     hf_state = getattr(module, to_hf_name)(model.student.state_dict())
-    hf_config = {**getattr(module, config_name)(cfg.model), "model_type": model_type, "architectures": [architecture]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")

@@ -19,6 +19,9 @@ def build_parser() -> argparse.ArgumentParser:
     export = subparsers.add_parser("export-hf", help="write a checkpoint's encoder as an HF transformers model folder")
     export.add_argument("checkpoint", help="a checkpoint folder/URL, or a run's checkpoint folder (newest complete one)")
     export.add_argument("out_dir", help="folder for config.json and model.safetensors")
+    export.add_argument("--remote-code", action="store_true",
+                        help="write the encoder with its own modeling file (trust_remote_code) even where an HF class "
+                             "could hold it; data2vec 2.0 encoders are always written so")
     imports = subparsers.add_parser("import", help="released weights (HF folder, fairseq .pt) as a d2v checkpoint")
     kinds = imports.add_subparsers(dest="import_kind", required=True)
     hf = kinds.add_parser("hf", help="an HF Data2Vec{Audio,Vision,Text} model folder")
@@ -84,7 +87,7 @@ def _run(args, extra: list[str], exit_after_eval: bool) -> int:
     if args.command == "export-hf":
         from d2v_train.export import export_hf
 
-        print(f"wrote {export_hf(args.checkpoint, args.out_dir)}")
+        print(f"wrote {export_hf(args.checkpoint, args.out_dir, remote_code=args.remote_code)}")
         return 0
     if args.command == "encode":
         return _encode(args)
