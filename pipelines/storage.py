@@ -142,6 +142,39 @@ def write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     fs.pipe_file(path, data)
 
 
+def find_files(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, dict]:
+    """Every file under `path`, {path: info with "size"}, as fs.find(detail=True) gives them, but
+    on a local disk following symbolic links to folders (corpora spread over disks link their
+    subsets in; fsspec lists a link as a single entry), each real folder once (no link loops)."""
+    if not is_local(fs):
+        return fs.find(path, detail=True)
+    found: dict[str, dict] = {}
+    seen: set[str] = set()
+    for folder, subfolders, files in os.walk(path, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders[:] = []
+            continue
+        seen.add(real)
+        subfolders.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            try:
+                found[full] = {"name": full, "size": os.path.getsize(full), "type": "file"}
+            except OSError:  # a dangling link: listed with no size, reported by whoever reads it
+                found[full] = {"name": full, "size": 0, "type": "file"}
+    return dict(sorted(found.items()))
+
+
+def list_folders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Names of the folders in `path`, symbolic links to folders included."""
+    names = []
+    for entry in fs.ls(path, detail=True):
+        if entry["type"] == "directory" or (entry.get("islink") and fs.isdir(entry["name"])):
+            names.append(posixpath.basename(entry["name"].rstrip("/")))
+    return sorted(names)
+
+
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     try:
         return fs.exists(path)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from PIL import Image
 
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source
-from pipelines.storage import Location, StorageError, check_readable
+from pipelines.storage import Location, StorageError, check_readable, find_files, list_folders
 
 ILSVRC_ROOT = "ILSVRC/Data/CLS-LOC"
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
@@ -159,7 +159,7 @@ def _folder_classes(fs, root: str, splits: tuple[str, ...]) -> list[str]:
     base = posixpath.join(root, "train" if "train" in splits else splits[0])
     if not fs.isdir(base):
         return []
-    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(base, detail=True) if e["type"] == "directory")
+    return list_folders(fs, base)
 
 
 def _class_folders(fs, root: str, folder: str, split: str, classes: list[str]) -> tuple[list[dict], list[Reject]]:
@@ -170,7 +170,7 @@ def _class_folders(fs, root: str, folder: str, split: str, classes: list[str]) -
         raise StorageError(f"split folder {base} does not exist")
     label_of = {wnid: i for i, wnid in enumerate(classes)}
     rows, rejects = [], []
-    for path, info in sorted(fs.find(base, detail=True).items()):
+    for path, info in sorted(find_files(fs, base).items()):
         relative = posixpath.relpath(path, root)
         parts = posixpath.relpath(path, base).split("/")
         if len(parts) > 2 or not _is_image(parts[-1]):
@@ -201,7 +201,7 @@ def _ilsvrc_split(fs, root: str, split: str, classes: list[str]) -> tuple[list[d
             labels[record["ImageId"]] = prediction[0]
     label_of = {wnid: i for i, wnid in enumerate(classes)}
     rows, rejects, seen = [], [], set()
-    for path, info in sorted(fs.find(base, detail=True).items()):
+    for path, info in sorted(find_files(fs, base).items()):
         name = posixpath.relpath(path, base)
         if "/" in name or not _is_image(name):
             continue

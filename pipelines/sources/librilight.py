@@ -28,7 +28,7 @@ from pipelines.sources.audio import (
 )
 from pipelines.sources.audio_list import encoded
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source
-from pipelines.storage import Location, StorageError, check_readable, is_local, join
+from pipelines.storage import Location, StorageError, check_readable, find_files, is_local, join
 from schemas import FrameGrid
 
 FRAME_SECONDS = 0.03  # the energy detector's frame
@@ -167,7 +167,7 @@ def _open(fs, path: str):
 
 
 def _list_recordings(fs, root: str) -> list[_Recording]:
-    found = fs.find(root, detail=True)
+    found = find_files(fs, root)
     audio: dict[str, int] = {}
     jsons: set[str] = set()
     for path, info in sorted(found.items()):

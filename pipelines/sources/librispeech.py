@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 from pipelines.sources.audio import RESAMPLER, AudioError, converted_frames, header, prepare_audio
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source
-from pipelines.storage import Location, StorageError, check_readable
+from pipelines.storage import Location, StorageError, check_readable, find_files, list_folders
 from schemas import FrameGrid
 
 SAMPLE_RATE = 16000
@@ -54,7 +54,7 @@ class LibriSpeechSource(Source):
     def scan(self, runner) -> ScanResult:
         fs, given_root = check_readable(self.location)
         root = _corpus_root(fs, given_root)
-        available = sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(root, detail=True) if e["type"] == "directory")
+        available = list_folders(fs, root)
         missing = [s for s in self.subsets if s not in available]
         if missing:
             raise StorageError(
@@ -103,7 +103,7 @@ def _corpus_root(fs, root: str) -> str:
 
 def _list_chapters(fs, given_root: str, root: str, subset: str) -> list[_Chapter]:
     """Chapters of a subset from one recursive listing (cheap on object stores)."""
-    found = fs.find(posixpath.join(root, subset), detail=True)
+    found = find_files(fs, posixpath.join(root, subset))
     folders: dict[tuple[str, str], dict] = {}
     for path, info in sorted(found.items()):
         relative = posixpath.relpath(path, given_root)

@@ -38,7 +38,7 @@ import pyarrow.compute as pc
 from pipelines import tokenizer as bpe
 from pipelines.shards import npy_bytes
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source
-from pipelines.storage import Location, StorageError, is_local
+from pipelines.storage import Location, StorageError, find_files, is_local
 from schemas import TokenizerRef
 
 log = logging.getLogger(__name__)
@@ -274,7 +274,7 @@ def _list_files(fs, root: str, inputs: tuple[str, ...]) -> list[str]:
     files = set()
     for relative in inputs:
         path = posixpath.normpath(posixpath.join(root, relative))
-        found = fs.find(path) if fs.isdir(path) else [path]
+        found = list(find_files(fs, path)) if fs.isdir(path) else [path]
         for name in found:
             if not any(part.startswith(".") for part in posixpath.relpath(name, path).split("/") if part != "."):
                 files.add(posixpath.relpath(name, root))
