@@ -156,6 +156,9 @@ class GuardConfig(_Strict):
     # that collapse onto a few directions); None = logged, not guarded
     min_target_rank: float | None = Field(None, gt=0)
     nonfinite: Literal["stop", "skip"] = "stop"
+    # consecutive skipped steps (non-finite with nonfinite=skip, or every batch lost to bad shards)
+    # that stop the run; None: no cap
+    max_skipped_steps: int | None = Field(100, ge=1)
 
 
 class InitConfig(_Strict):

@@ -39,15 +39,25 @@ class StepGuard:
 
     def __init__(self, guard: GuardConfig, dim: int, last_good: Callable[[], str | None]) -> None:
         self.guard, self.dim, self.last_good = guard, dim, last_good
+        self.skipped_in_a_row = 0  # counted since this process started (a resume starts again at 0)
 
     def skips(self, step: int, loss: float, grad_norm: float, masked: float) -> bool:
         """Whether update `step` is left out: a non-finite one (unless guard.nonfinite stops the run),
-        or one with no masked position (every batch of the step lost to skipped bad shards)."""
+        or one with no masked position (every batch of the step lost to skipped bad shards). More
+        than guard.max_skipped_steps in a row stop the run: it is no longer training."""
         bad = nonfinite(loss, grad_norm)
         if bad and self.guard.nonfinite == "stop":
             raise TrainingStopped(f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}; the "
                                   f"last good checkpoint is {self.last_good() or 'none (none was saved)'}")
-        return bad or masked == 0
+        skipped = bad or masked == 0
+        self.skipped_in_a_row = self.skipped_in_a_row + 1 if skipped else 0
+        cap = self.guard.max_skipped_steps
+        if cap is not None and self.skipped_in_a_row > cap:
+            why = "non-finite losses or gradients" if bad else "no masked position (batches lost to bad shards)"
+            raise TrainingStopped(f"{self.skipped_in_a_row} steps in a row skipped up to step {step} ({why}), more "
+                                  f"than guard.max_skipped_steps={cap}; the last good checkpoint is "
+                                  f"{self.last_good() or 'none (none was saved)'}")
+        return skipped
 
     def check_collapse(self, step: int, target_std: float, pred_std: float, target_rank: float) -> None:
         why = collapse(step, target_std, pred_std, target_rank, self.guard, self.dim)

@@ -44,6 +44,16 @@ def test_the_step_guard_stops_or_skips_a_nonfinite_step_and_names_the_last_good_
         stop.skips(5, float("nan"), 2.0, masked=10)
     skip = StepGuard(GuardConfig(nonfinite="skip"), 64, lambda: None)
     assert skip.skips(5, 1.0, float("inf"), masked=10) is True
+    # a cap on skips in a row: a good step resets the count, one past the cap stops the run
+    capped = StepGuard(GuardConfig(nonfinite="skip", max_skipped_steps=3), 64, last_good)
+    assert [capped.skips(s, float("nan"), 1.0, masked=10) for s in (1, 2, 3)] == [True] * 3
+    assert capped.skips(4, 1.0, 1.0, masked=10) is False
+    assert [capped.skips(s, 1.0, 1.0, masked=0) for s in (5, 6, 7)] == [True] * 3
+    with pytest.raises(TrainingStopped, match=r"4 steps in a row skipped up to step 8 \(no masked position.*more than "
+                                              r"guard.max_skipped_steps=3; the last good checkpoint is run/checkpoints"):
+        capped.skips(8, 1.0, 1.0, masked=0)
+    uncapped = StepGuard(GuardConfig(nonfinite="skip", max_skipped_steps=None), 64, lambda: None)
+    assert all(uncapped.skips(s, float("nan"), 1.0, masked=1) for s in range(1000))
     collapsing = StepGuard(GuardConfig(collapse_after=0), 64, lambda: None)
     collapsing.check_collapse(1, 1.0, 1.0, 30.0)
     with pytest.raises(TrainingStopped, match="representation collapse at step 1.*the last good checkpoint is none"):
