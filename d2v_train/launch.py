@@ -7,10 +7,11 @@ needs the stores, so this launcher makes each store server in torchrun's process
 127.0.0.1 alone and points the workers there (`--local-addr`). A run across machines
 (`--rdzv-endpoint HOST:PORT` of a reachable host) is left as torchrun makes it: it has to be
 reachable, and a private network or firewall is the place to protect it.
-Every argument is torchrun's.
+Every argument is torchrun's. A SIGTERM ends it with exit 143 (pre-empted), not torchrun's 1.
 """
 from __future__ import annotations
 
+import signal
 import socket
 import sys
 from datetime import timedelta
@@ -63,7 +64,14 @@ def is_loopback(host: str | None) -> bool:
     return host is not None and host.strip("[]") in ("localhost", "127.0.0.1", "::1")
 
 
+PREEMPTED_EXIT = 143  # 128 + SIGTERM, as the trainer itself exits after its SIGTERM save
+
+
 def main(argv: list[str] | None = None) -> None:
+    """torchrun; a SIGTERM (a scheduler's pre-emption) ends it with exit 143, as it ends the
+    trainer's processes once they have saved, instead of torchrun's exit 1, which a scheduler reads
+    as a failure."""
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.run import parse_args, run
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
@@ -71,7 +79,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.local_addr is None:
             args.local_addr = LOOPBACK  # MASTER_ADDR of the workers: the loopback store
         _use_loopback_stores()
-    run(args)
+    try:
+        run(args)
+    except SignalException as exc:
+        if exc.sigval != signal.SIGTERM:
+            raise
+        print("d2v_train.launch: SIGTERM: the workers were stopped (the trainer saves a checkpoint first); "
+              f"exit {PREEMPTED_EXIT}", file=sys.stderr, flush=True)
+        sys.exit(PREEMPTED_EXIT)
 
 
 if __name__ == "__main__":

@@ -320,7 +320,8 @@ def test_killed_and_terminated_runs_resume_bit_identically(dataset, two_ranks, p
     assert {address.ip for address in listening} == {"127.0.0.1"}, listening
 
     code, out = train_until(run_dir, str(dataset), 13, signal.SIGTERM, "checkpoint.keep=2")
-    assert "resumed from" in out and code != 0, out[-3000:]
+    # pre-empted, not failed: the launcher exits 143 like the trainer's ranks (torchrun alone: 1)
+    assert "resumed from" in out and code == 143, out[-3000:]
     saved = [line for line in out.splitlines() if line.startswith("SIGTERM: saved")]
     assert saved, out[-3000:]
     stopped_at = int(saved[0].rsplit("at step ", 1)[1].split(";")[0])
