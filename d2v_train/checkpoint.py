@@ -15,7 +15,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader, FsspecWriter
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
 
-from pipelines.storage import Location
+from pipelines.storage import Location, abort_orphaned_uploads
 
 _STEP = re.compile(r"step-(\d{8})$")  # the folders step_folder names
 _ANY_STEP = re.compile(r"step-(\d+)/?$")  # also a folder a user names by hand (step-5)
@@ -51,12 +51,13 @@ def complete_steps(url: str) -> list[int]:
 
 
 def remove_incomplete(url: str) -> list[int]:
-    """Delete the folders of saves that never finished (a run killed while saving); call it only
-    while nothing is saving. Returns their steps."""
+    """Delete the folders of saves that never finished (a run killed while saving), and abort the
+    multipart uploads such a save left on S3; call it only while nothing is saving. Returns their steps."""
     fs, root = Location(url).filesystem()
     steps = sorted(step for step, complete in _step_folders(url).items() if not complete)
     for step in steps:
         fs.rm(step_folder(root, step), recursive=True)
+    abort_orphaned_uploads(fs, root)
     return steps
 
 

@@ -37,7 +37,16 @@ from pipelines.shards import (
     sha256_hex,
 )
 from pipelines.sources.base import Encoded, Reject, Source
-from pipelines.storage import Location, check_writable, exists, is_local, join, size_or_none, write_atomic
+from pipelines.storage import (
+    Location,
+    abort_orphaned_uploads,
+    check_writable,
+    exists,
+    is_local,
+    join,
+    size_or_none,
+    write_atomic,
+)
 from schemas import SCHEMA_VERSION, Dataset, MaskConfig, ShardInfo, SplitSummary, index_schema, rejects_schema
 from schemas.arrow import JSON_SUFFIX, MASK_SUFFIX
 from schemas.dataset import AMOUNT_FIELD, DATASET_JSON, PLAN_COLUMN
@@ -221,6 +230,10 @@ def build_with_runner(source: Source, out: Location, options: BuildOptions, run:
     plans = plan_shards(scan.manifest, seed=options.seed, size=options.shard_size, build_fingerprint=params_digest)
     fingerprint = hashlib.sha256("\n".join([params_digest] + [p.fingerprint for p in plans]).encode()).hexdigest()
     _retire_other_build(fs, root, fingerprint, echo, overwrite=options.overwrite, where=out.public_url())
+    aborted = abort_orphaned_uploads(fs, root)  # a killed build's half-uploaded shards
+    if aborted:
+        echo(f"aborted {len(aborted)} unfinished upload(s) a killed build left: {', '.join(aborted[:3])}"
+             + (" ..." if len(aborted) > 3 else ""))
 
     job = _Job(source, out, options.mask_variants, options.seed, mask_kind, mask_params)
     results: list[ShardResult] = [None] * len(plans)  # type: ignore[list-item]

@@ -78,6 +78,8 @@ def add_parser(subparsers):
 
     verify = commands.add_parser("verify", help="re-read every shard and check it against dataset.json")
     verify.add_argument("url", help="the dataset (folder holding dataset.json)")
+    verify.add_argument("--repair", action="store_true",
+                        help="first abort the unfinished multipart uploads a killed build left under URL (S3)")
 
     export = commands.add_parser("export-manifest", help="write fairseq manifests (and the audio) of a speech dataset")
     export.add_argument("url", help="the dataset (folder holding dataset.json)")
@@ -138,6 +140,12 @@ def run(args: argparse.Namespace) -> int:
     if args.data_command == "verify":
         from pipelines.inspection import verify
 
+        if args.repair:
+            from pipelines.storage import abort_orphaned_uploads
+
+            fs, root = Location(args.url).filesystem()
+            aborted = abort_orphaned_uploads(fs, root)
+            print(f"repair: aborted {len(aborted)} unfinished upload(s)" + (f": {', '.join(aborted)}" if aborted else ""))
         report = verify(Location(args.url))
         if not report.ok:
             for shard, problem in report.broken:

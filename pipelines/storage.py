@@ -175,6 +175,25 @@ def list_folders(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
     return sorted(names)
 
 
+def abort_orphaned_uploads(fs: fsspec.AbstractFileSystem, path: str) -> list[str]:
+    """Abort every unfinished multipart upload under `path` of an S3 bucket (a killed build's or
+    checkpoint's half-written objects, which the store keeps, and bills, until aborted); returns
+    their keys. Other filesystems have none: []. Call it where no other writer works under `path`."""
+    if "s3" not in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        return []
+    bucket, _, prefix = path.strip("/").partition("/")
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    aborted, marker = [], {}
+    while True:
+        page = fs.call_s3("list_multipart_uploads", Bucket=bucket, Prefix=prefix, **marker)
+        for upload in page.get("Uploads", []) or []:
+            fs.call_s3("abort_multipart_upload", Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+            aborted.append(upload["Key"])
+        if not page.get("IsTruncated"):
+            return aborted
+        marker = {"KeyMarker": page.get("NextKeyMarker", ""), "UploadIdMarker": page.get("NextUploadIdMarker", "")}
+
+
 def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
     try:
         return fs.exists(path)

@@ -86,3 +86,28 @@ def test_verify_on_s3_names_a_damaged_shard(corpus, s3_server, s3_bucket):
     fs.pipe_file(f"{url}/{victim}", bytes(data))
     result = run_d2v("data", "verify", url, env=env, check=False)
     assert result.returncode == 1 and victim in result.stderr
+
+
+def _start_upload(fs, bucket: str, key: str) -> None:
+    """A multipart upload left unfinished, as a build or checkpoint killed mid-upload leaves it."""
+    upload = fs.call_s3("create_multipart_upload", Bucket=bucket, Key=key)
+    fs.call_s3("upload_part", Bucket=bucket, Key=key, UploadId=upload["UploadId"], PartNumber=1, Body=b"x" * 1024)
+
+
+def _uploads(fs, bucket: str) -> list[str]:
+    return sorted(u["Key"] for u in fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads", []) or [])
+
+
+def test_a_killed_builds_unfinished_uploads_are_aborted_by_the_next_build_or_verify_repair(corpus, s3_server,
+                                                                                         s3_bucket):
+    fs, env = s3_server.filesystem(), s3_server.env()
+    url = f"s3://{s3_bucket}/ls"
+    _start_upload(fs, s3_bucket, "ls/shards/train-clean-100-000001.tar")
+    _start_upload(fs, s3_bucket, "other/run/big.bin")  # not the build's: left alone
+    result = run_d2v("data", "build", "librispeech", corpus.source, url, *BUILD_ARGS, "--workers", "0", env=env)
+    assert "aborted 1 unfinished upload(s) a killed build left: ls/shards/train-clean-100-000001.tar" in result.stdout
+    assert _uploads(fs, s3_bucket) == ["other/run/big.bin"]
+    _start_upload(fs, s3_bucket, "ls/index/dev-clean-000000.parquet")
+    result = run_d2v("data", "verify", url, "--repair", env=env)
+    assert "repair: aborted 1 unfinished upload(s): ls/index/dev-clean-000000.parquet" in result.stdout
+    assert result.stdout.rstrip().endswith("samples verified") and _uploads(fs, s3_bucket) == ["other/run/big.bin"]

@@ -84,8 +84,16 @@ class IndexFiles:
         self._lock = threading.Lock()
 
     def read(self, number: int, columns: list[str] | None = None) -> pa.Table:
+        """Shard `number`'s index table; an unreadable one is a ShardError naming the shard and its index."""
+        from d2v_train.data.reader import ShardError
+
         shard = self.shards[number]
-        return check_rows(shard.index, read_parquet(self.fs, join(self.root, shard.index), columns), shard.samples)
+        try:
+            table = read_parquet(self.fs, join(self.root, shard.index), columns)
+        except Exception as exc:  # noqa: BLE001 - pyarrow reports a damaged file in many ways
+            raise ShardError(shard.name, f"its index {shard.index} cannot be read: {type(exc).__name__}: "
+                                         f"{' '.join(str(exc).split())}") from None
+        return check_rows(shard.index, table, shard.samples)
 
     def column(self, name: str) -> np.ndarray | StringColumn:
         """One column of every index file, in parallel, joined in shard order."""
