@@ -15,12 +15,15 @@ from d2v_train.config import TrainConfig
 from d2v_train.models.objectives import build_model
 from pipelines.storage import Location
 
-# modality -> (module of the converter, d2v->HF state function, HF config function, model_type, class)
-_HF = {
-    "speech": ("d2v_train.models.hf", "to_hf", "hf_audio_config", "data2vec-audio", "Data2VecAudioModel"),
+# modality -> (module of the converter, d2v->HF state function, HF config function, model_type, class,
+# HF->d2v state function, HF config -> d2v model config): export-hf here, `d2v import hf` (imports.py)
+HF_ADAPTERS = {
+    "speech": ("d2v_train.models.hf", "to_hf", "hf_audio_config", "data2vec-audio", "Data2VecAudioModel",
+               "from_hf", "config_from_hf_audio"),
     "vision": ("d2v_train.models.hf_vision", "to_hf_vision", "hf_vision_config", "data2vec-vision",
-               "Data2VecVisionModel"),
-    "text": ("d2v_train.models.hf_text", "to_hf_text", "hf_text_config", "data2vec-text", "Data2VecTextModel"),
+               "Data2VecVisionModel", "from_hf_vision", "config_from_hf_vision"),
+    "text": ("d2v_train.models.hf_text", "to_hf_text", "hf_text_config", "data2vec-text", "Data2VecTextModel",
+             "from_hf_text", "config_from_hf_text"),
 }
 
 
@@ -53,7 +56,7 @@ def export_hf(url: str, out_dir: str, *, remote_code: bool = False) -> Path:
     from safetensors.torch import save_file
 
     cfg, model, folder = load_model(url)
-    module_name, to_hf_name, config_name, model_type, architecture = _HF[cfg.model.modality]
+    module_name, to_hf_name, config_name, model_type, architecture, *_ = HF_ADAPTERS[cfg.model.modality]
     module = import_module(module_name)
     try:
         if remote_code:

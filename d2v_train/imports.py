@@ -19,17 +19,14 @@ import torch
 
 from d2v_train import checkpoint
 from d2v_train.config import DataConfig, LoopConfig, TrainConfig
+from d2v_train.export import HF_ADAPTERS
 from d2v_train.models.config import ModelConfig
 from d2v_train.models.objectives import build_model
 from pipelines.storage import Location, join
 
 IMPORT_FILE = "import.json"  # beside the checkpoint: where the weights came from
-# HF model_type -> (modality, adapter module, state function, config function)
-_HF = {
-    "data2vec-audio": ("speech", "d2v_train.models.hf", "from_hf", "config_from_hf_audio"),
-    "data2vec-vision": ("vision", "d2v_train.models.hf_vision", "from_hf_vision", "config_from_hf_vision"),
-    "data2vec-text": ("text", "d2v_train.models.hf_text", "from_hf_text", "config_from_hf_text"),
-}
+# HF model_type -> (adapter module, state function, config function), from export-hf's table
+_HF = {model_type: (module, state, config) for module, _, _, model_type, _, state, config in HF_ADAPTERS.values()}
 _TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt")
 # the wav2vec 2.0 / data2vec audio CNN: strides are not in the weights, kernels are
 _STANDARD_CONV = {(10, 3, 3, 3, 3, 2, 2): (5, 2, 2, 2, 2, 2, 2)}
@@ -72,7 +69,7 @@ def import_hf(src: str, out: str) -> str:
     kind = hf.get("model_type")
     if kind not in _HF:
         raise ValueError(f"{src}: model_type {kind!r} is not one d2v imports ({', '.join(_HF)})")
-    modality, module_name, state_name, config_name = _HF[kind]
+    module_name, state_name, config_name = _HF[kind]
     module = import_module(module_name)
     model_cfg = getattr(module, config_name)(hf)
     state = getattr(module, state_name)(_hf_weights(fs, root))

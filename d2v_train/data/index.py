@@ -192,8 +192,26 @@ class IndexColumns(Mapping):
         return out
 
 
+class PlannedIndex:
+    """What the plan, the loader and the reader use of an index (a split's, or a mix's: mix.py);
+    subclasses hold `dataset` and `columns`."""
+
+    @property
+    def modality(self) -> str:
+        return self.dataset.modality
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Speech: samples of audio; text: tokens; vision: 1 (batches of images have a fixed size)."""
+        return self.columns["length"]
+
+    def gather(self, rows: np.ndarray, names: tuple[str, ...]) -> list[list]:
+        """`names` at `rows` as lists (what a batch's requests and collation need)."""
+        return self.columns.gather(np.asarray(rows, dtype=np.int64), names)
+
+
 @dataclass
-class SplitIndex:
+class SplitIndex(PlannedIndex):
     """One row per sample of a split, in shard order then tar order; `columns` reads each column
     when first used (numbers as int64 numpy arrays, strings as StringColumn)."""
 
@@ -206,15 +224,6 @@ class SplitIndex:
     def __len__(self) -> int:
         return len(self.columns["shard"])
 
-    @property
-    def modality(self) -> str:
-        return self.dataset.modality
-
-    @property
-    def lengths(self) -> np.ndarray:
-        """Speech: samples of audio; text: tokens; vision: 1 (batches of images have a fixed size)."""
-        return self.columns["length"]
-
     def select(self, rows: np.ndarray) -> SplitIndex:
         """The same split restricted to `rows` (positions, kept in their order): a labelled subset.
         Shards keep their numbers; a shard with no selected row is simply never read."""
@@ -222,10 +231,6 @@ class SplitIndex:
         if rows.size and (rows.min() < 0 or rows.max() >= len(self)):
             raise ValueError(f"row positions outside the {len(self)} samples of split {self.split!r}")
         return SplitIndex(self.dataset, self.location, self.split, self.shards, self.columns.select(rows))
-
-    def gather(self, rows: np.ndarray, names: tuple[str, ...]) -> list[list]:
-        """`names` at `rows` as lists (what a batch's requests and collation need)."""
-        return self.columns.gather(np.asarray(rows, dtype=np.int64), names)
 
     # what a mix of several splits (mix.MixedIndex) has more of: one location, one mask set, each row once
     @property

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from d2v_train.data.index import SplitIndex, StringColumn
+from d2v_train.data.index import PlannedIndex, SplitIndex, StringColumn
 from pipelines.storage import Location
 
 
@@ -144,7 +144,7 @@ class MixedColumns(Mapping):
         return [found[n] for n in names]
 
 
-class MixedIndex:
+class MixedIndex(PlannedIndex):
     """The split indexes of a mix's parts as one index (what the plan, the loader and the reader
     use of a SplitIndex), with the epoch multiplicities the parts' weights or repeats ask for."""
 
@@ -175,17 +175,6 @@ class MixedIndex:
 
     def __len__(self) -> int:
         return int(self.row_offsets[-1])
-
-    @property
-    def modality(self) -> str:
-        return self.dataset.modality
-
-    @property
-    def lengths(self) -> np.ndarray:
-        return self.columns["length"]
-
-    def gather(self, rows: np.ndarray, names: tuple[str, ...]) -> list[list]:
-        return self.columns.gather(np.asarray(rows, dtype=np.int64), names)
 
     def select(self, rows: np.ndarray):
         raise ValueError("a labelled subset is drawn from one split, not from a mix")

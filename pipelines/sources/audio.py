@@ -14,6 +14,9 @@ import numpy as np
 import soundfile
 import soxr
 
+from pipelines.sources.base import Encoded
+from pipelines.storage import is_local
+
 TARGET_RATE = 16000
 RESAMPLER = "soxr-HQ"  # recorded in dataset.json: another resampler gives other bytes
 AUDIO_SUFFIXES = (".flac", ".wav", ".ogg", ".opus", ".mp3", ".aiff", ".aif", ".au", ".caf", ".w64")
@@ -90,11 +93,41 @@ def prepare_samples(audio: np.ndarray, rate: int, *, transcoded: bool = True) ->
     return Prepared(flac_bytes(mono), len(mono), rate, channels, conversions)
 
 
-def header(fs, path: str):
-    """soundfile's info of a file on any filesystem (a local path is opened directly)."""
-    from pipelines.storage import is_local
+def open_file(fs, path: str, block_size: int = 64 * 1024):
+    """A binary file object of `path` (a local path opened directly, else through fsspec)."""
+    return open(path, "rb") if is_local(fs) else fs.open(path, "rb", block_size=block_size)
 
-    if is_local(fs):
-        return soundfile.info(path)
-    with fs.open(path, "rb", block_size=64 * 1024) as f:
+
+def header(fs, path: str):
+    """soundfile's info of a file on any filesystem."""
+    with open_file(fs, path) as f:
         return soundfile.info(f)
+
+
+class SpeechSource:
+    """What every speech source shares (a mixin for their dataclasses, which hold mask_prob,
+    mask_length and frame_grid): span masks on the frame grid, 16 kHz FLAC by soxr."""
+
+    def audio_params(self) -> dict:
+        """The build parameters of the stored audio (dataset.json's `build`)."""
+        return {"sample_rate": TARGET_RATE, "resampler": RESAMPLER, "frame_grid": self.frame_grid.model_dump(mode="json")}
+
+    def mask_spec(self) -> tuple[str, dict]:
+        return "span", {"mask_prob": self.mask_prob, "mask_length": self.mask_length}
+
+    def dataset_fields(self) -> dict:
+        return {"frame_grid": self.frame_grid}
+
+
+def encoded(row: dict, audio: Prepared, frame_grid) -> Encoded:
+    """A prepared file as a sample: metadata, index fields and counts (the original rate and
+    channels recorded where it was converted)."""
+    meta = {"key": row["id"], "split": row["split"], "speaker": row.get("speaker"), "chapter": row.get("chapter"),
+            "transcript": row.get("transcript"), "num_samples": audio.frames, "sample_rate": TARGET_RATE}
+    if audio.conversions:
+        meta.update(source_rate=audio.rate, source_channels=audio.channels)
+    index = {"num_samples": audio.frames, "speaker": row.get("speaker"), "chapter": row.get("chapter"),
+             "transcript": row.get("transcript")}
+    counts = {**({"untranscribed": 1} if row.get("transcript") is None else {}), **audio.counts()}
+    return Encoded(row["id"], audio.data, meta, frame_grid.frames(audio.frames), index,
+                   seconds=audio.frames / TARGET_RATE, counts=counts)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from abc import abstractmethod
 from dataclasses import dataclass, field
 
-from pipelines.sources.audio import RESAMPLER, TARGET_RATE, AudioError, converted_frames, header, prepare_audio
+from pipelines.sources.audio import AudioError, SpeechSource, converted_frames, encoded, header, prepare_audio
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source, listed_file
 from pipelines.storage import Location, check_readable
 from schemas import FrameGrid
@@ -32,7 +32,7 @@ class Listed:
 
 
 @dataclass(frozen=True)
-class AudioListSource(Source):
+class AudioListSource(SpeechSource, Source):
     location: Location  # the folder the list's relative paths start from
     mask_prob: float = 0.65
     mask_length: int = 10
@@ -48,14 +48,7 @@ class AudioListSource(Source):
         """What names the list (file, columns) in dataset.json's build parameters."""
 
     def build_params(self) -> dict:
-        return {**self.list_params(), "sample_rate": TARGET_RATE, "resampler": RESAMPLER,
-                "frame_grid": self.frame_grid.model_dump(mode="json")}
-
-    def mask_spec(self) -> tuple[str, dict]:
-        return "span", {"mask_prob": self.mask_prob, "mask_length": self.mask_length}
-
-    def dataset_fields(self) -> dict:
-        return {"frame_grid": self.frame_grid}
+        return {**self.list_params(), **self.audio_params()}
 
     def scan(self, runner) -> ScanResult:
         fs, root = check_readable(self.location)
@@ -78,20 +71,6 @@ class AudioListSource(Source):
         except AudioError as exc:
             return _reject(row, "build", exc.reason, str(exc))
         return encoded(row, audio, self.frame_grid)
-
-
-def encoded(row: dict, audio, frame_grid: FrameGrid) -> Encoded:
-    """A prepared file as a sample: metadata, index fields and counts (the original rate and
-    channels recorded where it was converted)."""
-    meta = {"key": row["id"], "split": row["split"], "speaker": row.get("speaker"), "chapter": row.get("chapter"),
-            "transcript": row.get("transcript"), "num_samples": audio.frames, "sample_rate": TARGET_RATE}
-    if audio.conversions:
-        meta.update(source_rate=audio.rate, source_channels=audio.channels)
-    index = {"num_samples": audio.frames, "speaker": row.get("speaker"), "chapter": row.get("chapter"),
-             "transcript": row.get("transcript")}
-    counts = {**({"untranscribed": 1} if row.get("transcript") is None else {}), **audio.counts()}
-    return Encoded(row["id"], audio.data, meta, frame_grid.frames(audio.frames), index,
-                   seconds=audio.frames / TARGET_RATE, counts=counts)
 
 
 def _reject(row: dict, stage: str, reason: str, detail: str) -> Reject:

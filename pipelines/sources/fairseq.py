@@ -12,8 +12,7 @@ from __future__ import annotations
 import posixpath
 from dataclasses import dataclass, replace
 
-import pyarrow.parquet as pq
-
+from pipelines.shards import read_parquet
 from pipelines.sources.audio_list import AudioListSource, Listed
 from pipelines.sources.base import Reject, ScanResult
 from pipelines.storage import Location, StorageError, check_readable, join, write_atomic
@@ -111,9 +110,8 @@ def export_manifest(location: Location, out: Location, *, echo=print) -> dict[st
     for split in dataset.splits:
         lines, transcripts = [audio_root], []
         for shard in dataset.shards_of(split):
-            with fs.open(join(root, shard.index), "rb") as f:
-                index = pq.read_table(f, columns=["key", "data_offset", "data_bytes", "num_samples",
-                                                  "transcript"]).to_pylist()
+            index = read_parquet(fs, join(root, shard.index),
+                                 ["key", "data_offset", "data_bytes", "num_samples", "transcript"]).to_pylist()
             tar = fs.cat_file(join(root, shard.name))
             for row in index:
                 relative = f"{split}/{row['key']}.flac"

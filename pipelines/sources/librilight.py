@@ -20,15 +20,15 @@ import soundfile
 
 from pipelines.sources.audio import (
     AUDIO_SUFFIXES,
-    RESAMPLER,
-    TARGET_RATE,
     AudioError,
+    SpeechSource,
     converted_frames,
+    encoded,
+    open_file,
     prepare_samples,
 )
-from pipelines.sources.audio_list import encoded
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source
-from pipelines.storage import Location, StorageError, check_readable, find_files, is_local, join
+from pipelines.storage import Location, StorageError, check_readable, find_files, join
 from schemas import FrameGrid
 
 FRAME_SECONDS = 0.03  # the energy detector's frame
@@ -97,7 +97,7 @@ def pieces(stretches: list[tuple[float, float]], max_seconds: float, duration: f
 
 
 @dataclass(frozen=True)
-class LibriLightSource(Source):
+class LibriLightSource(SpeechSource, Source):
     location: Location
     split: str = "train"
     max_seconds: float = 30.0
@@ -115,13 +115,7 @@ class LibriLightSource(Source):
         return {"layout": "librilight", "split": self.split, "max_seconds": self.max_seconds,
                 "vad": {"frame_seconds": FRAME_SECONDS, "silence_db": SILENCE_DB,
                         "min_silence_seconds": MIN_SILENCE_SECONDS},
-                "sample_rate": TARGET_RATE, "resampler": RESAMPLER, "frame_grid": self.frame_grid.model_dump(mode="json")}
-
-    def mask_spec(self) -> tuple[str, dict]:
-        return "span", {"mask_prob": self.mask_prob, "mask_length": self.mask_length}
-
-    def dataset_fields(self) -> dict:
-        return {"frame_grid": self.frame_grid}
+                **self.audio_params()}
 
     def scan(self, runner) -> ScanResult:
         fs, root = check_readable(self.location)
@@ -145,7 +139,7 @@ class LibriLightSource(Source):
         path = join(root, row["path"])
         frames = row["stop"] - row["start"]
         try:
-            with _open(fs, path) as f:
+            with open_file(fs, path, block_size=1 << 20) as f:
                 sound = soundfile.SoundFile(f)
                 sound.seek(row["start"])
                 audio = sound.read(frames, dtype="float32", always_2d=True)
@@ -160,10 +154,6 @@ class LibriLightSource(Source):
         except AudioError as exc:
             return Reject(row["id"], row["split"], row["path"], "build", exc.reason, str(exc))
         return encoded(row, prepared, self.frame_grid)
-
-
-def _open(fs, path: str):
-    return open(path, "rb") if is_local(fs) else fs.open(path, "rb", block_size=1 << 20)
 
 
 def _list_recordings(fs, root: str) -> list[_Recording]:
@@ -208,7 +198,7 @@ def _scan_recording(recording: _Recording, location: Location, split: str, max_s
         except Exception:  # noqa: BLE001 - a broken JSON falls back to the energy detector
             counts["broken_vad_json"] = 1
     try:
-        with _open(fs, path) as f:
+        with open_file(fs, path, block_size=1 << 20) as f:
             sound = soundfile.SoundFile(f)
             rate, channels, total = sound.samplerate, sound.channels, sound.frames
             if stretches is None:

@@ -13,12 +13,11 @@ import posixpath
 import re
 from dataclasses import dataclass, field
 
-from pipelines.sources.audio import RESAMPLER, AudioError, converted_frames, header, prepare_audio
+from pipelines.sources.audio import AudioError, SpeechSource, converted_frames, encoded, header, prepare_audio
 from pipelines.sources.base import Encoded, Reject, ScanResult, Source
 from pipelines.storage import Location, StorageError, check_readable, find_files, list_folders
 from schemas import FrameGrid
 
-SAMPLE_RATE = 16000
 _UTT = re.compile(r"^(\d+)-(\d+)-(\d+)$")
 
 
@@ -32,7 +31,7 @@ class _Chapter:
 
 
 @dataclass(frozen=True)
-class LibriSpeechSource(Source):
+class LibriSpeechSource(SpeechSource, Source):
     location: Location
     subsets: tuple[str, ...]
     mask_prob: float = 0.65
@@ -41,14 +40,7 @@ class LibriSpeechSource(Source):
     modality: str = "speech"
 
     def build_params(self) -> dict:
-        return {"subsets": list(self.subsets), "sample_rate": SAMPLE_RATE, "resampler": RESAMPLER,
-                "frame_grid": self.frame_grid.model_dump(mode="json")}
-
-    def mask_spec(self) -> tuple[str, dict]:
-        return "span", {"mask_prob": self.mask_prob, "mask_length": self.mask_length}
-
-    def dataset_fields(self) -> dict:
-        return {"frame_grid": self.frame_grid}
+        return {"subsets": list(self.subsets), **self.audio_params()}
 
     # -- scan ---------------------------------------------------------------------------------
     def scan(self, runner) -> ScanResult:
@@ -80,17 +72,7 @@ class LibriSpeechSource(Source):
             audio = prepare_audio(data, row["path"], expected_frames=row["num_samples"])
         except AudioError as exc:
             return _reject(row, "build", exc.reason, str(exc))
-        meta = {
-            "key": row["id"], "split": row["split"], "speaker": row["speaker"], "chapter": row["chapter"],
-            "transcript": row["transcript"], "num_samples": audio.frames, "sample_rate": SAMPLE_RATE,
-        }
-        if audio.conversions:
-            meta.update(source_rate=audio.rate, source_channels=audio.channels)
-        index = {"num_samples": audio.frames, "speaker": row["speaker"], "chapter": row["chapter"],
-                 "transcript": row["transcript"]}
-        counts = {**({"untranscribed": 1} if row["transcript"] is None else {}), **audio.counts()}
-        return Encoded(row["id"], audio.data, meta, self.frame_grid.frames(audio.frames), index,
-                       seconds=audio.frames / SAMPLE_RATE, counts=counts)
+        return encoded(row, audio, self.frame_grid)
 
 
 def _corpus_root(fs, root: str) -> str:
