@@ -7,11 +7,17 @@ disturb, draws one fault per request from a seeded generator: a connection reset
 answered), an HTTP 500 InternalError or 503 SlowDown, a truncated body (the headers promise the
 whole object, half of it comes, then the connection closes), a latency spike, or a stall longer
 than the client's read timeout. `counts` says what was injected.
+
+A `Hold` freezes storage at one moment instead, for kill tests: the first request matching it is
+held before anything reaches the server, or after half its body was forwarded (an upload cut off
+mid-way), or answered in full; from then on every request waits. `held` is set at that moment, so
+a test can kill the client there; on exit the held connections are dropped, never completed.
 """
 from __future__ import annotations
 
 import http.client
 import random
+import re
 import socket
 import struct
 import threading
@@ -49,12 +55,33 @@ class Faults:
         return None
 
 
+HOLD_PHASES = ("before", "partway", "after")
+
+
+@dataclass(frozen=True)
+class Hold:
+    """Freeze storage at the first `method` request whose key path matches `path` (a regex, searched):
+    `before` it reaches the server, `partway` (headers and half the body forwarded, then nothing),
+    or `after` the server answered it."""
+
+    method: str
+    path: str
+    phase: str = "before"
+
+    def __post_init__(self) -> None:
+        if self.phase not in HOLD_PHASES:
+            raise ValueError(f"phase {self.phase!r} not in {HOLD_PHASES}")
+
+    def matches(self, method: str, path: str) -> bool:
+        return method == self.method and re.search(self.path, path.split("?", 1)[0]) is not None
+
+
 class FaultProxy:
     """`every`: instead of drawing, every `every`-th disturbed request gets the next fault kind of
     `faults` with a nonzero rate, in turn (counts that do not depend on thread timing, for tests)."""
 
-    def __init__(self, upstream: str, faults: Faults, *, seed: int = 0, methods: tuple[str, ...] = ("GET",),
-                 every: int | None = None) -> None:
+    def __init__(self, upstream: str, faults: Faults = Faults(), *, seed: int = 0,
+                 methods: tuple[str, ...] = ("GET",), every: int | None = None, hold: Hold | None = None) -> None:
         parts = urlsplit(upstream)
         self.upstream = (parts.hostname, parts.port or 80)
         self.faults, self.methods = faults, methods
@@ -66,6 +93,11 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
+        self.hold = hold
+        self.held = threading.Event()  # storage is frozen at the hold's moment
+        self.held_request: str | None = None
+        self._released = threading.Event()
+        self.cut_uploads: list[socket.socket] = []
 
     @property
     def endpoint_url(self) -> str:
@@ -84,9 +116,26 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        self._released.set()  # held requests end without reaching the server
+        for sock in self.cut_uploads:  # the server sees the upload's connection drop
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
+
+    def take_hold(self, method: str, path: str) -> bool:
+        """Whether this request is the one to hold (at most one is)."""
+        with self._lock:
+            if self.hold is None or self.held_request is not None or not self.hold.matches(method, path):
+                return False
+            self.held_request = f"{method} {path}"
+            return True
+
+    def freeze(self) -> None:
+        """Storage stops here: hold every later request until exit."""
+        self.held.set()
+        self._released.wait()
 
     def draw(self, method: str) -> str | None:
         with self._lock:
@@ -114,6 +163,17 @@ class _Handler(BaseHTTPRequestHandler):
     def _handle(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
         body = self.rfile.read(length) if length else None
+        if self.owner.held.is_set():  # frozen: nothing more reaches the server
+            self.owner.freeze()
+            self._reset()
+            return
+        holding = self.owner.take_hold(self.command, self.path)
+        if holding and self.owner.hold.phase != "after":
+            if self.owner.hold.phase == "partway":
+                self._forward_partly(body or b"")
+            self.owner.freeze()
+            self._reset()
+            return
         kind = self.owner.draw(self.command)
         if kind == "reset":
             self._reset()
@@ -157,6 +217,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(payload)
         finally:
             upstream.close()
+        if holding:  # answered in full; the client may go on, storage does not
+            self.wfile.flush()
+            self.owner.freeze()
+
+    def _forward_partly(self, body: bytes) -> None:
+        """Send the request line, the headers (the whole length declared) and half the body to the
+        server, as a client killed mid-upload leaves it; the socket closes when the hold ends."""
+        head = [f"{self.command} {self.path} HTTP/1.1"]
+        head += [f"{k}: {v}" for k, v in self.headers.items() if k.lower() not in (*_HOP_BY_HOP, "expect")]
+        sock = socket.create_connection(self.owner.upstream, timeout=60)
+        self.owner.cut_uploads.append(sock)
+        sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body[: len(body) // 2])
 
     def _reset(self) -> None:
         """Close with a TCP reset, as a dropped connection looks to the client."""

@@ -11,7 +11,8 @@ from pipelines.build import BuildOptions, build_dataset
 from pipelines.plan import ShardSize
 from pipelines.sources.librispeech import LibriSpeechSource
 from pipelines.storage import Location
-from tests.helpers import run_d2v
+from tests.faultproxy import FaultProxy, Hold
+from tests.helpers import D2V, kill_when_held, run_d2v
 
 pytestmark = [pytest.mark.s3, pytest.mark.slow]
 
@@ -111,3 +112,32 @@ def test_a_killed_builds_unfinished_uploads_are_aborted_by_the_next_build_or_ver
     result = run_d2v("data", "verify", url, "--repair", env=env)
     assert "repair: aborted 1 unfinished upload(s): ls/index/dev-clean-000000.parquet" in result.stdout
     assert result.stdout.rstrip().endswith("samples verified") and _uploads(fs, s3_bucket) == ["other/run/big.bin"]
+
+
+@pytest.mark.parametrize("moment", ["index", "dataset.json"])
+def test_a_build_killed_mid_upload_never_shows_a_partial_object_and_its_rerun_equals_a_clean_build(
+        corpus, local_build, s3_server, s3_bucket, moment):
+    """SIGKILL while a shard is being published (its tar stored, half of its index sent) or while
+    dataset.json is half sent: the server keeps no part of the cut object, a reader finds no
+    dataset, and the rerun skips what was published and ends with the clean build's shards."""
+    url, env, fs = f"s3://{s3_bucket}/killed", s3_server.env(), s3_server.filesystem()
+    command = [*D2V, "data", "build", "librispeech", corpus.source, url, *BUILD_ARGS, "--workers", "0"]
+    cut = "killed/index/train-clean-100-000001.parquet" if moment == "index" else "killed/dataset.json"
+    with FaultProxy(s3_server.endpoint_url, hold=Hold("PUT", f"/{cut}$", "partway")) as proxy:
+        kill_when_held(command, proxy, env)
+    fs.invalidate_cache()
+    stored = fs.find(f"{s3_bucket}/killed")
+    assert f"{s3_bucket}/{cut}" not in stored and f"{s3_bucket}/killed/dataset.json" not in stored
+    if moment == "index":  # the tar was published before its index was cut off
+        assert f"{s3_bucket}/killed/shards/train-clean-100-000001.tar" in stored
+    result = run_d2v("data", "inspect", url, env=env, check=False)
+    assert result.returncode != 0 and "its build has not finished" in result.stderr
+
+    result = run_d2v("data", "build", "librispeech", corpus.source, url, *BUILD_ARGS, "--workers", "0", env=env)
+    done = sum("/killed/index/" in path for path in stored)  # shards published whole before the kill
+    names = [name for name, _ in local_build]  # in build order (--workers 0)
+    assert done == (len(names) if moment == "dataset.json" else names.index("shards/train-clean-100-000001.tar"))
+    assert f"({done} already done)" in result.stdout, result.stdout
+    fs.invalidate_cache()
+    assert [(s["name"], s["sha256"]) for s in _s3_dataset(s3_server, url)["shards"]] == local_build
+    assert _uploads(fs, s3_bucket) == []

@@ -30,7 +30,8 @@ from pipelines.build import BuildOptions, build_dataset
 from pipelines.plan import ShardSize
 from pipelines.sources.librispeech import LibriSpeechSource
 from pipelines.storage import Location
-from tests.helpers import REPO
+from tests.faultproxy import FaultProxy, Hold
+from tests.helpers import REPO, kill_when_held
 
 SPLIT = "train-clean-100"
 CONFIG = str(REPO / "configs" / "train_speech_tiny.yaml")
@@ -545,6 +546,56 @@ def test_resume_with_shards_and_checkpoints_on_s3(dataset, two_ranks, planned, s
     finally:
         s3_server.remove_bucket(bucket)
 
+
+
+@torchrun
+@pytest.mark.s3
+def test_killed_at_the_worst_moments_of_an_s3_checkpoint_upload_resumes_bit_identically(dataset, one_rank,
+                                                                                          s3_server, tmp_path):
+    """SIGKILL with storage frozen at each step of completing a save: half-way through the upload
+    of `.metadata.tmp` (the server receives half the body, then the connection drops); after the
+    tensors are stored but before the copy to `.metadata` (DCP's rename); just after that copy
+    (before the temporary file's removal and the pruning). Each restart
+    resumes from the newest complete save, never from a cut one, and the last run ends exactly
+    where the uninterrupted run does."""
+    from d2v_train import checkpoint
+
+    bucket = s3_server.make_bucket()
+    url, env = f"s3://{bucket}/run/checkpoints", s3_server.env()
+    run_dir, args = tmp_path / "run", [*COMMON, f"data.url={dataset}", "train.grad_accum=2"]
+    command = _command(1, [*args, f"run_dir={tmp_path / 'run'}", f"checkpoint.url={url}"])
+    try:
+        moments = [  # (the request storage freezes at, the newest complete save after the kill)
+            (Hold("PUT", "/step-00000008/.metadata.tmp$", "partway"), 6),
+            (Hold("PUT", "/step-00000012/.metadata$", "before"), 10),
+            (Hold("PUT", "/step-00000016/.metadata$", "after"), 16),
+        ]
+        resumed_from = None
+        for hold, newest in moments:
+            with FaultProxy(s3_server.endpoint_url, hold=hold) as proxy:
+                out = kill_when_held(command, proxy, {**env, "OMP_NUM_THREADS": "1"})
+            assert resumed_from is None or f"resumed from {url}/step-{resumed_from:08d}" in out, out[-3000:]
+            with _env_set(env):
+                assert checkpoint.complete_steps(url)[-1] == newest
+            resumed_from = newest
+        result = train(run_dir, str(dataset), "train.grad_accum=2", f"checkpoint.url={url}", ranks=1, env=env)
+        assert f"resumed from {url}/step-00000016" in result.stdout
+        assert_same_metrics(metrics(run_dir), metrics(one_rank))  # bit-identical
+        assert (run_dir / "keys-rank0.jsonl").read_text() == (one_rank / "keys-rank0.jsonl").read_text()
+        fs = s3_server.filesystem()
+        final = f"{bucket}/run/checkpoints/step-{STEPS:08d}/__0_0.distcp"
+        assert fs.cat_file(final) == (one_rank / "checkpoints" / f"step-{STEPS:08d}" / "__0_0.distcp").read_bytes()
+        with _env_set(env):
+            assert checkpoint.complete_steps(url) == list(range(2, STEPS + 1, 2))
+        assert not fs.call_s3("list_multipart_uploads", Bucket=bucket).get("Uploads")
+    finally:
+        s3_server.remove_bucket(bucket)
+
+
+def _env_set(values: dict):
+    import unittest.mock
+
+    return unittest.mock.patch.dict(os.environ, values)
 
 if __name__ == "__main__":
     sys.exit(_resume_dump_and_train(sys.argv[1], sys.argv[2:]))
