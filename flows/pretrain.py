@@ -20,9 +20,10 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
+from prefect.states import Cancelled, State
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt, field_validator, model_validator
 
-from flows.launch import python, run_streamed
+from flows.launch import ProcessFailed, python, run_streamed
 from flows.modalities import FLOW_MODALITIES, FlowModality
 
 Modality = Literal["speech", "vision", "text"]
@@ -305,9 +306,12 @@ def trainer_command(req: PretrainRequest) -> list[str]:
 
 
 @task(name="pretrain")
-def train(req: PretrainRequest) -> dict:
-    """Run the trainer to max_steps (it resumes from the newest checkpoint in run/ by itself)."""
+def train(req: PretrainRequest) -> dict | State:
+    """Run the trainer to max_steps (it resumes from the newest checkpoint in run/ by itself).
+    A trainer pre-empted by a SIGTERM (it saved, then exited 143) ends the task Cancelled, not
+    Failed: nothing went wrong, and running the flow again resumes from that save."""
     from d2v_train.config import load_train_config
+    from d2v_train.launch import PREEMPTED_EXIT
 
     logger = get_run_logger()
     load_train_config(None, req.trainer_overrides())  # a wrong setting fails here, naming the field
@@ -320,7 +324,15 @@ def train(req: PretrainRequest) -> dict:
         if match:
             update_progress_artifact(progress, 100.0 * int(match.group(1)) / req.steps)
 
-    run_streamed(trainer_command(req), what="the trainer", on_line=on_line)
+    try:
+        run_streamed(trainer_command(req), what="the trainer", on_line=on_line)
+    except ProcessFailed as stopped:
+        if stopped.returncode != PREEMPTED_EXIT:
+            raise
+        saved = next((line for line in reversed(stopped.tail) if line.startswith("SIGTERM: saved")),
+                     "no save was reported")
+        return Cancelled(message=f"the trainer was pre-empted (SIGTERM, exit {PREEMPTED_EXIT}): {saved}; "
+                                 "run the flow again to resume")
     records = read_metrics(req.url("run", "metrics.jsonl"))
     if records:
         every = max(1, len(records) // 50)
@@ -407,7 +419,10 @@ def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tin
     # A Dask cluster only when there is something to build (a finished build is skipped in a blink).
     on_dask = req.build_workers != 0 and finished_build(req) is None
     dataset = (build_shards.with_options(task_runner=dask_runner(req)) if on_dask else build_shards)(req)
-    training = train(req)
+    training = train(req, return_state=True)
+    if training.is_cancelled():  # pre-empted: the flow run ends Cancelled too, its save kept
+        return Cancelled(message=training.message)
+    training = training.result()
     report_url = report(req, evaluate(req))
     return {"dataset": dataset, "training": training, "report": report_url,
             "gains": _gains(req) if report_url else []}

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,11 +60,13 @@ def _assert_outputs(out: Path, step: int) -> None:
     assert (out / "report" / "curve.png").exists()
 
 
-def _logged_messages() -> list[str]:
+def _logged_messages(flow_run_id=None) -> list[str]:
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
+    only = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])) if flow_run_id else None
     with get_client(sync_client=True) as client:
-        return [log.message for log in client.read_logs(limit=200)]
+        return [log.message for log in client.read_logs(log_filter=only, limit=200)]
 
 
 def test_flow_builds_trains_evaluates_reports_then_skips_the_build_and_resumes(prefect_api, corpus, tmp_path):
@@ -87,15 +90,44 @@ def test_flow_builds_trains_evaluates_reports_then_skips_the_build_and_resumes(p
         assert artifact is not None and artifact.type == kind, key
     shards_json = (out / "dataset" / "dataset.json").stat().st_mtime_ns
 
-    state = pretrain(modality="speech", source=corpus, output=str(out), **{**ON_DASK, "max_steps": 6},
+    # Pre-empted: a scheduler's SIGTERM reaches the trainer; it saves and exits 143, and the run
+    # ends Cancelled (not Failed), naming the save. The next run resumes from it and finishes.
+    preempt = threading.Thread(target=_sigterm_trainer_at_step, args=(out, 6), daemon=True)
+    preempt.start()
+    state = pretrain(modality="speech", source=corpus, output=str(out), **{**ON_DASK, "max_steps": 12},
+                     return_state=True)
+    preempt.join(timeout=10)
+    assert state.is_cancelled() and not state.is_failed(), state
+    assert "pre-empted (SIGTERM, exit 143): SIGTERM: saved" in state.message, state.message
+    saved_at = int(state.message.split(" at step ")[1].split(";")[0])
+    assert 6 <= saved_at < 12 and (out / "run" / "checkpoints" / f"step-{saved_at:08d}" / ".metadata").exists()
+
+    state = pretrain(modality="speech", source=corpus, output=str(out), **{**ON_DASK, "max_steps": 12},
                      return_state=True)
     assert state.is_completed(), state
     second = state.result()
     assert second["dataset"]["skipped"] is True
     assert (out / "dataset" / "dataset.json").stat().st_mtime_ns == shards_json
-    assert second["training"]["step"] == 6
-    _assert_outputs(out, 6)
-    assert json.loads((out / "eval" / "pretrained-all-seed0.json").read_text())["checkpoint"]["step"] == 6
+    assert any(f"resumed from {out}/run/checkpoints/step-{saved_at:08d}" in message
+               for message in _logged_messages(state.state_details.flow_run_id))
+    assert second["training"]["step"] == 12
+    _assert_outputs(out, 12)
+    assert json.loads((out / "eval" / "pretrained-all-seed0.json").read_text())["checkpoint"]["step"] == 12
+
+
+def _sigterm_trainer_at_step(out: Path, step: int) -> None:
+    """SIGTERM the trainer's process group once its metrics reach `step` (as a scheduler pre-empts)."""
+    metrics, deadline = out / "run" / "metrics.jsonl", time.monotonic() + 180
+    while time.monotonic() < deadline:
+        last = (metrics.read_text().splitlines() or [""])[-1] if metrics.exists() else ""
+        if last.endswith("}") and json.loads(last)["step"] >= step:
+            for process in _trainers(out):
+                try:
+                    os.killpg(os.getpgid(process.pid), signal.SIGTERM)
+                except ProcessLookupError:
+                    pass
+                return
+        time.sleep(0.02)
 
 
 @pytest.mark.parametrize("modality", ["vision", "text"])
