@@ -17,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from pipelines.build import BuildOptions, build_dataset  # noqa: E402
 from pipelines.plan import ShardSize  # noqa: E402
 from pipelines.sources.librispeech import LibriSpeechSource  # noqa: E402
 from pipelines.storage import Location  # noqa: E402
-from tests.faultproxy import KINDS, FaultProxy, Faults  # noqa: E402
+from tests.faultproxy import KINDS, FaultProxyProcess, Faults  # noqa: E402
 from tests.s3server import s3_server  # noqa: E402
 
 SPLIT = "train-clean-100"
@@ -92,7 +93,8 @@ def soak(args, server, scratch: Path) -> dict:
     stop = threading.Event()
     sampler = threading.Thread(target=rss_sampler, args=(rss, stop, args.rss_every), daemon=True)
     epochs, failures, delivered = [], [], 0
-    with FaultProxy(server.endpoint_url, faults, seed=args.seed) as proxy:
+    proxy = FaultProxyProcess(server.endpoint_url, faults, seed=args.seed)  # its memory is not this process's
+    with proxy:
         options = server.storage_options()
         options["client_kwargs"] = {"endpoint_url": proxy.endpoint_url}
         loader = StreamingLoader(Location(url, options), SPLIT, POLICY, seed=args.seed, workers=args.workers,
@@ -100,7 +102,12 @@ def soak(args, server, scratch: Path) -> dict:
         planned_sizes = {}
         sampler.start()
         started = time.monotonic()
+        if args.trace_allocations:
+            tracemalloc.start(12)
+        warm_snapshot = None
         while time.monotonic() - started < args.minutes * 60:
+            if args.trace_allocations and warm_snapshot is None and time.monotonic() - started >= args.minutes * 12:
+                warm_snapshot = tracemalloc.take_snapshot()  # after the first fifth: warm-up
             epoch = loader.epoch
             plan = loader.plan(epoch)
             planned = Counter(loader.index.columns["key"][i] for g in range(len(plan)) for i in plan[g].samples)
@@ -115,12 +122,13 @@ def soak(args, server, scratch: Path) -> dict:
                            "seconds": round(time.monotonic() - started, 1)})
             if missing or repeated:
                 failures.append(epochs[-1])
-            print(f"epoch {epoch}: {sum(got.values())}/{sum(planned.values())} samples, faults so far "
-                  f"{dict(proxy.counts)}, retries {loader.reader.stats.retries}", flush=True)
+            print(f"epoch {epoch}: {sum(got.values())}/{sum(planned.values())} samples, retries "
+                  f"{loader.reader.stats.retries}, RSS {rss[-1][1] / 2**20 if rss else 0:.1f} MB", flush=True)
         elapsed = time.monotonic() - started
+        growth = _python_growth(warm_snapshot) if warm_snapshot is not None else None
         stats = loader.reader.stats.as_dict()
         loader.close()
-        requests, counts = proxy.requests, dict(proxy.counts)
+    requests, counts = proxy.requests, dict(proxy.counts)
     stop.set()
     sampler.join()
     server.remove_bucket(bucket)
@@ -128,17 +136,35 @@ def soak(args, server, scratch: Path) -> dict:
     warm = [r for t, r in rss if elapsed * 0.2 <= t < elapsed * 0.4]
     end = [r for t, r in rss if t >= elapsed * 0.8]
     first, last = (float(np.median(warm)), float(np.median(end))) if warm and end else (0.0, 0.0)
+    after = np.array([(t, r) for t, r in rss if t >= elapsed * 0.2], dtype=float)  # the trend past warm-up
+    slope = float(np.polyfit(after[:, 0] / 3600, after[:, 1] / 2**20, 1)[0]) if len(after) > 2 else None
+    minute = max(1, round(60 / args.rss_every))
     return {
         "minutes": round(elapsed / 60, 2), "epochs": len(epochs), "samples_planned": sum(e["planned"] for e in epochs),
         "samples_delivered": delivered, "epochs_with_missing_or_duplicates": len(failures), "failures": failures,
         "proxy_requests": requests, "faults": counts, "fault_rate": args.fault_rate, "reader": stats,
         "rss_mb": {"warm": round(first / 2**20, 1), "end": round(last / 2**20, 1),
                    "growth_pct": round(100 * (last - first) / first, 2) if first else None,
-                   "max": round(max(r for _, r in rss) / 2**20, 1) if rss else None, "samples": len(rss)},
+                   "max": round(max(r for _, r in rss) / 2**20, 1) if rss else None, "samples": len(rss),
+                   "slope_mb_per_hour_after_warm_up": round(slope, 1) if slope is not None else None,
+                   "trace": [[round(t / 60, 1), round(r / 2**20, 1)] for t, r in rss[minute - 1::minute]]},
+        **({"python_heap_growth_after_warm_up": growth} if growth is not None else {}),
         "reads": {"plain": len(times.plain), "retried": len(times.retried),
                   "plain_p50_ms": _ms(times.plain, 50), "plain_p99_ms": _ms(times.plain, 99),
                   "retried_p50_ms": _ms(times.retried, 50), "retried_p99_ms": _ms(times.retried, 99)},
     }
+
+
+def _python_growth(warm) -> dict:
+    """What Python objects grew by since `warm` (tracemalloc): the total and the top allocation sites."""
+    now = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    keep = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    diff = now.filter_traces(keep).compare_to(warm.filter_traces(keep), "traceback")
+    return {"total_mb": round(sum(d.size_diff for d in diff) / 2**20, 2),
+            "top": [{"mb": round(d.size_diff / 2**20, 3), "blocks": d.count_diff,
+                     "where": [f"{frame.filename.rsplit('site-packages/', 1)[-1]}:{frame.lineno}"
+                               for frame in list(d.traceback)[-4:]]} for d in diff[:8]]}
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -155,6 +181,9 @@ def main() -> None:
     parser.add_argument("--read-timeout", type=float, default=2.0, help="the client's; stalls last 2 s longer")
     parser.add_argument("--rss-every", type=float, default=5.0, help="seconds between RSS samples")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--trace-allocations", action="store_true",
+                        help="diagnose memory growth: tracemalloc's top Python allocation sites that grew after "
+                             "warm-up (slows the run)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, s3_server() as server:

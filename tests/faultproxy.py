@@ -15,16 +15,21 @@ a test can kill the client there; on exit the held connections are dropped, neve
 """
 from __future__ import annotations
 
+import dataclasses
 import http.client
+import json
 import random
 import re
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from urllib.parse import urlsplit
 
 KINDS = ("reset", "error_500", "slowdown_503", "truncate", "latency", "stall")
@@ -240,3 +245,42 @@ class _Handler(BaseHTTPRequestHandler):
             pass
 
     do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
+class FaultProxyProcess:
+    """The proxy in a process of its own (`python -m tests.faultproxy`), so that a benchmark measuring
+    its own memory or CPU measures the client alone. `counts` and `requests` are read at exit."""
+
+    def __init__(self, upstream: str, faults: Faults, *, seed: int = 0, methods: tuple[str, ...] = ("GET",)) -> None:
+        self.args = {"upstream": upstream, "faults": dataclasses.asdict(faults), "seed": seed, "methods": methods}
+        self.counts: Counter = Counter()
+        self.requests = 0
+        self.endpoint_url = ""
+        self._process: subprocess.Popen | None = None
+
+    def __enter__(self) -> FaultProxyProcess:
+        repo = Path(__file__).resolve().parents[1]
+        self._process = subprocess.Popen([sys.executable, "-m", "tests.faultproxy", json.dumps(self.args)], cwd=repo,
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.endpoint_url = self._process.stdout.readline().strip()
+        if not self.endpoint_url.startswith("http://"):
+            raise RuntimeError(f"the proxy process did not start (said {self.endpoint_url!r})")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        out, _ = self._process.communicate(timeout=60)  # closing stdin stops it; it answers with its counts
+        final = json.loads(out)
+        self.counts, self.requests = Counter(final["counts"]), final["requests"]
+
+
+def _serve(args: dict) -> None:
+    """The process side of FaultProxyProcess: print the endpoint, serve until stdin closes, print counts."""
+    faults = Faults(**args["faults"])
+    with FaultProxy(args["upstream"], faults, seed=args["seed"], methods=tuple(args["methods"])) as proxy:
+        print(proxy.endpoint_url, flush=True)
+        sys.stdin.read()
+    print(json.dumps({"counts": dict(proxy.counts), "requests": proxy.requests}), flush=True)
+
+
+if __name__ == "__main__":
+    _serve(json.loads(sys.argv[1]))
