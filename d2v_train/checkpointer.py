@@ -59,12 +59,12 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 class Checkpointer:
     """Saves and loads `model` (the student, sharded), `optimizer`, `teacher` and the progress
     counters `progress()` returns (the same on every rank: DCP stores them once, and the loader's
-    are global, so a run resumes at any world size)."""
+    are global, so a run resumes at any world size), and fp16's loss `scaler`."""
 
     def __init__(self, cfg: TrainConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 teacher: nn.Module, progress: Callable[[], list[int]], main: bool) -> None:
+                 teacher: nn.Module, progress: Callable[[], list[int]], main: bool, scaler=None) -> None:
         self.cfg, self.model, self.optimizer, self.teacher = cfg, model, optimizer, teacher
-        self.progress, self.main = progress, main
+        self.progress, self.main, self.scaler = progress, main, scaler
         self._pending: checkpoint.PendingSave | None = None
         # async saves run DCP's collectives in a thread: on a group of their own (a collective call)
         self._group = dist.new_group(backend="gloo") if cfg.checkpoint.async_save and dist.is_initialized() else None
@@ -74,12 +74,15 @@ class Checkpointer:
         return self.cfg.checkpoint_url
 
     def state(self) -> dict:
-        return {
+        state = {
             "model": get_model_state_dict(self.model),
             "optimizer": get_optimizer_state_dict(self.model, self.optimizer),
             "teacher": get_model_state_dict(self.teacher),
             "progress": torch.tensor(self.progress(), dtype=torch.int64),
         }
+        if self.scaler is not None:
+            state["loss_scale"] = self.scaler.state()
+        return state
 
     def save(self, step: int) -> str:
         """Save `step` (after the previous async save completed); with checkpoint.async_save the
@@ -134,5 +137,7 @@ class Checkpointer:
             set_model_state_dict(self.model, state["model"])
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
             set_model_state_dict(self.teacher, state["teacher"])
+            if self.scaler is not None:
+                self.scaler.load(state["loss_scale"])
             return folder, [int(v) for v in state["progress"]]
         return None

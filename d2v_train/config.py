@@ -125,12 +125,42 @@ class OptimConfig(_Strict):
     clip_norm: float | None = Field(None, gt=0)
 
 
+class LossScaleConfig(_Strict):
+    """fp16's dynamic loss scale (fairseq's and torch's GradScaler's rule): an update whose gradients
+    overflow is skipped and the scale halved; `window` overflow-free updates in a row double it;
+    a scale below `min` stops the run (the model no longer fits fp16's range)."""
+
+    init: float = Field(128.0, gt=0)
+    window: int = Field(1000, ge=1)
+    min: float = Field(1e-4, gt=0)
+
+
+class ProfileConfig(_Strict):
+    """Profiles on demand: a torch profiler trace of updates `steps` = [first, last] (1-based, as
+    logged) per rank in run_dir/profile (Chrome/Perfetto JSON, readable by TensorBoard's profiler
+    plugin), and with `memory_snapshot` a CUDA memory snapshot of the same updates."""
+
+    steps: tuple[int, int] | None = None
+    memory_snapshot: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ProfileConfig:
+        if self.steps is not None and not 1 <= self.steps[0] <= self.steps[1]:
+            raise ValueError(f"steps: need 1 <= first <= last, got {list(self.steps)}")
+        if self.memory_snapshot and self.steps is None:
+            raise ValueError("memory_snapshot: set profile.steps to say which updates it covers")
+        return self
+
+
 class LoopConfig(_Strict):
     max_steps: int = Field(gt=0)
     seed: int = 0
     grad_accum: int = Field(1, ge=1)
     log_every: int = Field(1, ge=1)
-    dtype: Literal["fp32", "bf16"] = "fp32"
+    # bf16/fp16: FSDP computes in that dtype, keeps fp32 weights and reduces gradients in fp32;
+    # fp16 also scales the loss (train.loss_scale) so that small gradients do not underflow
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    loss_scale: LossScaleConfig = Field(default_factory=lambda: LossScaleConfig())
     deterministic: bool = False
     log_keys: bool = False  # each rank appends {"step", "epoch", "keys"} lines to run_dir/keys-rank{r}.jsonl
     activation_checkpointing: bool = False  # recompute each student block's activations in backward
@@ -177,6 +207,7 @@ class TrainConfig(_Strict):
     train: LoopConfig
     checkpoint: CheckpointConfig = CheckpointConfig()
     guard: GuardConfig = GuardConfig()
+    profile: ProfileConfig = ProfileConfig()
     run_dir: str = "runs/d2v"
 
     @field_validator("model", mode="before")

@@ -94,8 +94,8 @@ def shard(module: nn.Module, blocks: list[nn.Module], *, dtype: str, reshard_aft
     # hook. Nothing writes to it in place (the teacher reads it under no_grad, the student drops it).
     warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPBlock\) returned a view tensor",
                             category=UserWarning)
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if dtype == "bf16" else MixedPrecisionPolicy()
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    policy = MixedPrecisionPolicy(param_dtype=half, reduce_dtype=torch.float32) if half else MixedPrecisionPolicy()
     for block in blocks:
         fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(module, mp_policy=policy, reshard_after_forward=reshard_after_forward)

@@ -105,11 +105,33 @@ def progress_line(record: dict) -> str:
     if "tokens_per_s" in record:
         parts.append(f"{record['tokens_per_s']:.0f} tokens/s")
     parts.append(f"{record['samples_per_s']:.1f} samples/s")
+    if "time/step" in record:
+        parts.append(step_time(record))
+    if "mfu" in record:
+        parts.append(f"mfu {100 * record['mfu']:.1f}%")
+    elif "flops_per_s" in record:
+        parts.append(f"{record['flops_per_s'] / 1e9:.2f} GFLOP/s")
+    if "loss_scale" in record:
+        parts.append(f"loss scale {record['loss_scale']:g} ({record['overflows']} overflows)")
     return " | ".join(parts)
 
 
+# the step-time phases (steptime.StepClock) in the order a step runs them, as the progress line abbreviates them
+TIME_PHASES = {"data": "data", "forward_backward": "fwd/bwd", "optimizer": "opt", "checkpoint": "ckpt",
+               "logging": "log", "other": "other"}
+
+
+def step_time(record: dict) -> str:
+    """`step 0.52s: data 2% fwd/bwd 81% opt 9% ckpt 0% log 1% other 7%`."""
+    total = max(record["time/step"], 1e-9)
+    shares = " ".join(f"{short} {100 * record.get(f'time/{phase}', 0.0) / total:.0f}%"
+                      for phase, short in TIME_PHASES.items())
+    return f"step {record['time/step']:.2f}s: {shares}"
+
+
 def plot(run_dir: str) -> Path | None:
-    """loss, target/prediction std and the targets' effective rank over steps, as PNG beside the metrics."""
+    """The run at a glance, as PNG beside the metrics: loss; target/prediction std and the targets'
+    effective rank (a collapse shows there first); where each step's time went."""
     records = read_metrics(run_dir)
     if not records:
         return None
@@ -119,19 +141,30 @@ def plot(run_dir: str) -> Path | None:
     import matplotlib.pyplot as plt
 
     steps = [r["step"] for r in records]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    timed = [r for r in records if "time/step" in r]
+    rows = 3 if timed else 2
+    figure, axes = plt.subplots(rows, 1, figsize=(7, 3 * rows), sharex=True)
+    top, middle = axes[0], axes[1]
     top.plot(steps, [r["loss"] for r in records])
     top.set_ylabel("loss")
-    bottom.plot(steps, [r["target_std"] for r in records], label="target std")
-    bottom.plot(steps, [r["pred_std"] for r in records], label="prediction std")
-    bottom.set_xlabel("step")
-    bottom.legend(loc="upper left")
+    middle.plot(steps, [r["target_std"] for r in records], label="target std")
+    middle.plot(steps, [r["pred_std"] for r in records], label="prediction std")
+    middle.set_ylabel("std")
+    middle.legend(loc="upper left")
     ranks = [(r["step"], r["target_rank"]) for r in records if "target_rank" in r]
     if ranks:
-        right = bottom.twinx()
+        right = middle.twinx()
         right.plot(*zip(*ranks), color="tab:green", label="target effective rank")
         right.set_ylabel("effective rank")
         right.legend(loc="upper right")
+    if timed:
+        bottom = axes[2]
+        bottom.stackplot([r["step"] for r in timed],
+                         *[[r.get(f"time/{phase}", 0.0) for r in timed] for phase in TIME_PHASES],
+                         labels=list(TIME_PHASES.values()))
+        bottom.set_ylabel("seconds per step")
+        bottom.legend(loc="upper left", ncol=len(TIME_PHASES), fontsize="small")
+    axes[-1].set_xlabel("step")
     path = Path(run_dir) / "training.png"
     figure.tight_layout()
     figure.savefig(path, dpi=100)

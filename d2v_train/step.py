@@ -26,8 +26,9 @@ from d2v_train.schedules import lr_scale
 
 # what a step adds up over its micro-batches and then over the ranks (one all-reduce): the loss sum
 # and its masked positions, samples, audio seconds (speech) or tokens (text), a SIGTERM flag, the
-# targets' effective ranks and how many, and the samples lost to skipped bad shards
-STEP_TOTALS = ("loss_sum", "masked", "samples", "units", "stop", "rank_sum", "ranks", "lost_samples")
+# targets' effective ranks and how many, the samples lost to skipped bad shards, and the model
+# FLOPs of the batches (flops.step_flops)
+STEP_TOTALS = ("loss_sum", "masked", "samples", "units", "stop", "rank_sum", "ranks", "lost_samples", "flops")
 
 
 @dataclass
@@ -44,6 +45,7 @@ class StepTotals:
     target_std: float
     pred_std: float
     keys: list[str] = field(default_factory=list)  # this rank's samples
+    flops: float = 0.0  # model FLOPs of the step's batches, all ranks
 
     @property
     def loss(self) -> float:
@@ -62,14 +64,16 @@ class StepSummary:
 
 class ForwardBackward:
     """Forward and backward of a step's micro-batches on this rank; `units(batch)` measures a batch
-    for the throughput rate (the data modality's trained units)."""
+    for the throughput rate (the data modality's trained units), `flops(batch)` its model FLOPs."""
 
     def __init__(self, model: nn.Module, teacher: nn.Module, rank: int, dim: int,
-                 units: Callable[[Batch], float]) -> None:
+                 units: Callable[[Batch], float], flops: Callable[[Batch], float] = lambda batch: 0.0) -> None:
         self.model, self.teacher, self.rank, self.dim, self.units = model, teacher, rank, dim, units
+        self.flops = flops
         self._last_batch: Batch | None = None  # stands in for a batch lost to skipped bad shards
 
-    def __call__(self, batches: list[Batch], stop: bool) -> StepTotals:
+    def __call__(self, batches: list[Batch], stop: bool, loss_scale: float = 1.0) -> StepTotals:
+        """`loss_scale`: fp16's; the gradients come out multiplied by it, the totals do not."""
         self.model.train()
         totals = dict.fromkeys(STEP_TOTALS, 0.0)
         target_stats = pred_stats = torch.zeros(1 + 2 * self.dim, dtype=torch.float64)  # std_stats
@@ -82,8 +86,9 @@ class ForwardBackward:
                 self._stand_in_for_empty(batch, real)
                 continue
             out = self.model(batch, self.teacher)
-            out.loss_sum.backward()
+            (out.loss_sum * loss_scale if loss_scale != 1.0 else out.loss_sum).backward()
             totals["loss_sum"] += float(out.loss_sum.detach())
+            totals["flops"] += self.flops(batch)
             totals["masked"] += float(out.count)
             target_stats = out.target_stats.detach().cpu() + target_stats
             pred_stats = out.pred_stats.detach().cpu() + pred_stats
@@ -101,7 +106,7 @@ class ForwardBackward:
             loss_sum=totals["loss_sum"], masked=totals["masked"], samples=totals["samples"], units=totals["units"],
             stop=totals["stop"] > 0, target_rank=totals["rank_sum"] / totals["ranks"] if totals["ranks"] else float("nan"),
             lost_samples=totals["lost_samples"], target_std=float(std_from_stats(target_stats)),
-            pred_std=float(std_from_stats(pred_stats)), keys=keys)
+            pred_std=float(std_from_stats(pred_stats)), keys=keys, flops=totals["flops"])
 
     def _stand_in_for_empty(self, batch: Batch, real: list[Batch]) -> None:
         """A batch whose samples all came from skipped bad shards: this rank still runs a forward and
@@ -127,12 +132,13 @@ class OptimizerStep:
         cfg = self.cfg
         return cfg.optim.lr * lr_scale(step, cfg.train.max_steps, cfg.optim), ema_tau(step, cfg.model.ema)
 
-    def mean_gradients(self, masked: float) -> tuple[list[nn.Parameter], torch.Tensor, float]:
-        """Turn the summed gradients into the global mean over `masked` positions; returns the
-        parameters with gradients, their total norm (a tensor, for clipping) and its value."""
+    def mean_gradients(self, masked: float, loss_scale: float = 1.0) -> tuple[list[nn.Parameter], torch.Tensor, float]:
+        """Turn the summed gradients (of a loss times `loss_scale`) into the global mean over `masked`
+        positions; returns the parameters with gradients, their total norm (a tensor, for
+        clipping) and its value (non-finite where a scaled gradient overflowed)."""
         params = [p for p in self.model.parameters() if p.grad is not None]
         for param in params:
-            param.grad.div_(max(masked, 1.0))
+            param.grad.div_(max(masked, 1.0) * loss_scale)
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
         return params, norm, float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 

@@ -13,6 +13,7 @@ the model names its own units of sharding (`parallel_units`), the loader offers 
 """
 from __future__ import annotations
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -29,10 +30,14 @@ from d2v_train.data.batches import Batch
 from d2v_train.data.loader import StreamingLoader
 from d2v_train.data.transforms import ImageTransform
 from d2v_train.distributed import World, all_reduce_sum, init_world, prepare_blocks, shard
+from d2v_train.flops import peak_flops, step_flops
 from d2v_train.guards import StepGuard, TrainingStopped  # noqa: F401 - TrainingStopped: what train() may raise
+from d2v_train.loss_scale import LossScaler
 from d2v_train.metrics import KeysLog, MetricsLog, plot, progress_line
 from d2v_train.models.objectives import build_model
+from d2v_train.profiling import StepProfiler
 from d2v_train.step import ForwardBackward, OptimizerStep, StepSummary
+from d2v_train.steptime import StepClock
 from pipelines.storage import check_output
 
 SIGTERM_EXIT = 143
@@ -89,11 +94,17 @@ class Trainer:
         self._stop_signal = False
         # the components of a step, and the checkpointer of everything a resume needs
         self.forward_backward = ForwardBackward(self.model, self.teacher, self.world.rank, cfg.model.encoder.dim,
-                                                units=lambda batch: self.loader.modality.trained_units(batch, self.loader))
+                                                units=lambda batch: self.loader.modality.trained_units(batch, self.loader),
+                                                flops=lambda batch: step_flops(cfg.model, batch).train)
         self.optimizer_step = OptimizerStep(self.model, self.teacher, self.optimizer, cfg)
+        self.scaler = LossScaler(cfg.train.loss_scale) if cfg.train.dtype == "fp16" else None
         self.checkpointer = Checkpointer(cfg, model=self.model, optimizer=self.optimizer, teacher=self.teacher,
-                                         progress=self._progress, main=self.world.main)
+                                         progress=self._progress, main=self.world.main, scaler=self.scaler)
         self.guard = StepGuard(cfg.guard, cfg.model.encoder.dim, last_good=self.checkpointer.last_good)
+        self.clock = StepClock(self.world.device)
+        self.profiler = StepProfiler(cfg.profile, cfg.run_dir, self.world.rank, self.world.device, self.world.main)
+        device_name = torch.cuda.get_device_name(self.world.device) if self.world.device.type == "cuda" else None
+        self.peak_flops = peak_flops(device_name)  # per device; None where unknown (CPUs)
 
     # -- checkpoints --------------------------------------------------------------------------
     def _progress(self) -> list[int]:
@@ -148,14 +159,17 @@ class Trainer:
                   f"{self.world.size * cfg.train.grad_accum} global batches per step", flush=True)
         previous = signal.signal(signal.SIGTERM, self._on_sigterm)
         started, samples, audio = time.monotonic(), 0.0, 0.0
+        self.clock = StepClock(self.world.device)
         try:
             while self.step < cfg.train.max_steps:
-                summary = self._train_step()
+                with self.profiler.step(self.step + 1):
+                    summary = self._train_step()
                 record, stop = summary.record, summary.stop
                 samples += summary.samples
                 audio += summary.units
                 if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
                     elapsed = max(time.monotonic() - started, 1e-9)
+                    record["elapsed_s"] = elapsed  # since this process began training
                     record["samples_per_s"] = samples / elapsed
                     if audio:  # audio seconds for speech, tokens for text
                         record[self.loader.modality.rate_name] = audio / elapsed
@@ -163,8 +177,10 @@ class Trainer:
                     self.metrics.write(record)
                     if self.world.main:
                         print(progress_line(record), flush=True)
+                self.clock.lap("logging")  # in the next step's record, as the save
                 if stop or self.step % cfg.checkpoint.every_steps == 0 or self.step == cfg.train.max_steps:
                     folder = self.checkpointer.save(self.step)
+                    self.clock.lap("checkpoint")  # in the next step's record (this one is written)
                 if stop:
                     self.checkpointer.wait()
                     if self.world.main:
@@ -172,6 +188,7 @@ class Trainer:
                     return SIGTERM_EXIT
         finally:
             signal.signal(signal.SIGTERM, previous)
+            self.profiler.stop()
             self.checkpointer.wait()  # a checkpoint counts only once complete: never exit mid-write
             self._close_epoch()
             self.loader.close()
@@ -208,19 +225,28 @@ class Trainer:
 
     def _train_step(self) -> StepSummary:
         """Forward and backward over the step's batches, the guards, the update; its summary."""
-        cfg = self.cfg
+        cfg, clock = self.cfg, self.clock
         batches = self._next_batches()
+        clock.lap("data")
         epoch = self.loader.epoch
         torch.manual_seed(cfg.train.seed * 1_000_003 + self.step)  # same draws on every rank, and on resume
-        totals = self.forward_backward(batches, stop=self._stop_signal)
+        scale = self.scaler.scale if self.scaler else 1.0
+        totals = self.forward_backward(batches, stop=self._stop_signal, loss_scale=scale)
+        clock.lap("forward_backward")
         loss = totals.loss
-        params, norm, grad_norm = self.optimizer_step.mean_gradients(totals.masked)
+        params, norm, grad_norm = self.optimizer_step.mean_gradients(totals.masked, loss_scale=scale)
         lr, tau = self.optimizer_step.schedule(self.step)
-        skipped = self.guard.skips(self.step + 1, loss, grad_norm, totals.masked)
+        # fp16: scaled gradients that overflow (a finite loss, a non-finite norm) skip the update and
+        # halve the scale; the guards see the other cases
+        overflow = self.scaler is not None and math.isfinite(loss) and not math.isfinite(grad_norm)
+        skipped = overflow or self.guard.skips(self.step + 1, loss, grad_norm, totals.masked)
         if skipped:
             self.optimizer_step.discard()
         else:
             self.optimizer_step.apply(params, norm, lr, tau)
+        if self.scaler is not None and (overflow or not skipped):
+            self.scaler.update(overflow, self.step + 1)
+        clock.lap("optimizer")
         self.step += 1
         if self.keys_log is not None:
             self.keys_log.write(self.step, epoch, totals.keys)
@@ -229,6 +255,12 @@ class Trainer:
                   "pred_std": totals.pred_std, "target_rank": totals.target_rank, "grad_norm": grad_norm,
                   "masked": int(totals.masked), "skipped": skipped, "skipped_samples": int(totals.lost_samples),
                   "epoch": epoch, "memory_mb": _memory_mb(self.world.device)}
+        if self.scaler is not None:
+            record.update(loss_scale=scale, overflows=self.scaler.overflows)
+        record.update(clock.record())
+        record["flops_per_s"] = totals.flops / max(record["time/step"], 1e-9)  # model FLOPs, all ranks
+        if self.peak_flops:
+            record["mfu"] = record["flops_per_s"] / (self.peak_flops * self.world.size)
         return StepSummary(record, samples=totals.samples, units=totals.units, stop=totals.stop)
 
     def _samples_by_source(self) -> dict[str, int]:

@@ -47,6 +47,30 @@ def build_parser() -> argparse.ArgumentParser:
     from d2v_train.eval.cli import add_parser as add_eval_parser
 
     add_eval_parser(subparsers)
+    launch = subparsers.add_parser("launch", help="start pre-training on a cluster")
+    launchers = launch.add_subparsers(dest="launcher", required=True)
+    slurm = launchers.add_parser("slurm", help="write (--submit: and submit) an sbatch script: torchrun on every node, "
+                                 "c10d rendezvous, requeued after a pre-emption's save")
+    slurm.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="the trainer's settings, as for main.py")
+    slurm.add_argument("--nodes", type=int, required=True, help="machines (one torchrun each)")
+    slurm.add_argument("--gpus-per-node", type=int, required=True, help="ranks per node (one per GPU)")
+    slurm.add_argument("--config", default=None, help="the trainer's YAML config (checked here before writing)")
+    slurm.add_argument("--job-name", default="d2v", help="the job's name in the queue (default d2v)")
+    slurm.add_argument("--partition", default=None, help="the partition (queue) to run in")
+    slurm.add_argument("--account", default=None, help="the account charged")
+    slurm.add_argument("--time", default=None, help="the job's time limit (HH:MM:SS or D-HH:MM:SS)")
+    slurm.add_argument("--cpus-per-node", type=int, default=None, help="CPUs of each node's task (the loaders need some)")
+    slurm.add_argument("--port", type=int, default=29500, help="the rendezvous port on the first node")
+    slurm.add_argument("--grace", type=int, default=180, help="seconds before the time limit when the trainer is "
+                       "told to save (SIGTERM) and the job requeues (default 180)")
+    slurm.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
+                       help="another #SBATCH line, e.g. --sbatch-option=--exclusive (repeatable)")
+    slurm.add_argument("--python", default=sys.executable, help="the Python on the nodes (default: this one)")
+    slurm.add_argument("--script", default="d2v-train.sbatch", help="where to write the script")
+    what = slurm.add_mutually_exclusive_group()
+    what.add_argument("--dry-run", action="store_true", help="print the script; write and submit nothing")
+    what.add_argument("--submit", action="store_true", help="write it and submit it with sbatch")
+    slurm.add_argument("--wait", action="store_true", help="with --submit: wait for the job; exit with its code")
     demo = subparsers.add_parser("demo", help="generate a small corpus in the real layout and run the pipeline on it")
     demo.add_argument("modality", choices=["speech", "vision", "text"], help="which demo to run")
     demo.add_argument("--out", default="demo", help="folder (or URL) for the corpus and the outputs (default: ./demo)")
@@ -104,6 +128,8 @@ def _run(args, extra: list[str], exit_after_eval: bool) -> int:
             import_fairseq(args.src, args.out, heads=args.heads)
         print(f"wrote {folder}")
         return 0
+    if args.command == "launch":
+        return _launch_slurm(args)
     if args.command == "demo":
         from flows.demo import run_demo
 
@@ -131,6 +157,33 @@ def _exit_cleanly_on_sigterm() -> None:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+def _launch_slurm(args) -> int:
+    import subprocess
+    from pathlib import Path
+
+    from d2v_train.config import load_train_config
+    from d2v_train.slurm import SlurmJob, sbatch_script
+
+    load_train_config(args.config, args.overrides)  # a wrong setting fails here, naming the field
+    if args.wait and not args.submit:
+        raise ValueError("--wait: only with --submit")
+    trainer_args = ([f"--config={args.config}"] if args.config else []) + args.overrides
+    job = SlurmJob(nodes=args.nodes, gpus_per_node=args.gpus_per_node, trainer_args=trainer_args,
+                   job_name=args.job_name, partition=args.partition, account=args.account, time=args.time,
+                   cpus_per_node=args.cpus_per_node, port=args.port, grace_s=args.grace, python=args.python,
+                   sbatch_options=args.sbatch_option)
+    script = sbatch_script(job)
+    if args.dry_run:
+        print(script, end="")
+        return 0
+    Path(args.script).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.script).write_text(script)
+    print(f"wrote {args.script}: {args.nodes} node(s) x {args.gpus_per_node} GPU(s)", flush=True)
+    if not args.submit:
+        return 0
+    return subprocess.run(["sbatch", *(["--wait"] if args.wait else []), args.script]).returncode
 
 
 def _encode(args) -> int:

@@ -33,6 +33,28 @@ Variant = Literal["data2vec", "data2vec2"]
 DEFAULT_STEPS = {"tiny": 2000, "base": 400_000, "large": 600_000}  # tiny: what the speech demo needs to learn
 
 
+class SlurmTraining(BaseModel):
+    """Pre-training handed to SLURM (`d2v launch slurm --submit --wait`): the flow waits for the job
+    and reads its exit code; run/ must be on storage every node reaches (a shared disk, S3)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    nodes: PositiveInt
+    gpus_per_node: PositiveInt
+    partition: str | None = None
+    account: str | None = None
+    time: str | None = None  # the job's time limit; a job at its limit saves and requeues itself
+    cpus_per_node: PositiveInt | None = None
+    sbatch_options: list[str] = []  # more #SBATCH lines, e.g. ["--exclusive"]
+
+    def launch_options(self) -> list[str]:
+        options = ["--nodes", str(self.nodes), "--gpus-per-node", str(self.gpus_per_node)]
+        for name in ("partition", "account", "time", "cpus_per_node"):
+            if getattr(self, name) is not None:
+                options += [f"--{name.replace('_', '-')}", str(getattr(self, name))]
+        return options + [f"--sbatch-option={option}" for option in self.sbatch_options]
+
+
 class PretrainRequest(BaseModel):
     """The flow's parameters, validated together (a wrong one is an error naming it)."""
 
@@ -45,6 +67,7 @@ class PretrainRequest(BaseModel):
     variant: Variant = "data2vec"  # data2vec2: the efficiency mode's presets ({modality}_v2_{preset})
     max_steps: PositiveInt | None = None  # default: the preset's
     nproc: PositiveInt = 1  # trainer processes (torchrun --nproc_per_node)
+    slurm: SlurmTraining | None = None  # train on a SLURM cluster instead (nproc is then unused)
     splits: list[str] | None = None  # corpus splits/subsets to build
     pretrain_split: str | None = None  # pre-trained on (default: the first of splits)
     pretrain_splits: list[str] | None = None  # or several, mixed in one run (LibriSpeech 960 h: three subsets)
@@ -298,7 +321,11 @@ STEP_LINE = re.compile(r"^step (\d+) \|")
 
 def trainer_command(req: PretrainRequest) -> list[str]:
     """The trainer under torchrun, its stores on 127.0.0.1 (d2v_train.launch); one process: the
-    script itself, no rendezvous."""
+    script itself, no rendezvous; with `slurm`, an sbatch job that the command waits for."""
+    if req.slurm is not None:
+        script = req.url("run", "d2v-train.sbatch") if "://" not in req.output else "d2v-train.sbatch"
+        return [python(), "-m", "flows.cli", "launch", "slurm", *req.slurm.launch_options(), "--script", script,
+                "--submit", "--wait", *req.trainer_overrides()]
     launcher = [python(), "d2v_train/main.py"] if req.nproc == 1 else [
         python(), "-m", "d2v_train.launch", "--standalone", "--nproc_per_node", str(req.nproc),
         "d2v_train/main.py"]
@@ -389,6 +416,32 @@ def evaluate(req: PretrainRequest) -> str | None:
     return req.url("report", "report.md")
 
 
+def training_section(req: PretrainRequest) -> str:
+    """The report's pre-training section: run/training.png (copied beside report.md) and where the
+    steps' time went, on average after the first step (start-up)."""
+    from d2v_train.metrics import TIME_PHASES
+
+    records = [r for r in read_metrics(req.url("run", "metrics.jsonl")) if "time/step" in r]
+    fs, _ = fsspec.core.url_to_fs(req.url("run"))
+    lines = ["## Pre-training", ""]
+    if fs.exists(req.url("run", "training.png")):
+        fs.copy(req.url("run", "training.png"), req.url("report", "training.png"))
+        lines += ["![loss, target spread and effective rank, step time](training.png)", ""]
+    steady = records[1:] or records
+    if steady:
+        total = sum(r["time/step"] for r in steady) / len(steady)
+        lines += [f"Steps {steady[0]['step']}-{steady[-1]['step']}: {total:.3f} s per step on average.", "",
+                  "| phase | seconds per step | share |", "|---|---|---|"]
+        for phase, short in TIME_PHASES.items():
+            mean = sum(r.get(f"time/{phase}", 0.0) for r in steady) / len(steady)
+            lines.append(f"| {short} | {mean:.3f} | {100 * mean / max(total, 1e-9):.0f}% |")
+        rates = [r["mfu"] for r in steady if "mfu" in r]
+        lines += ["", f"MFU {100 * sum(rates) / len(rates):.1f}%" if rates else
+                  f"{sum(r['flops_per_s'] for r in steady) / len(steady) / 1e9:.2f} GFLOP/s of model FLOPs "
+                  "(no known peak for this device: no MFU)", ""]
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
 @task(name="report")
 def report(req: PretrainRequest, report_url: str | None) -> str | None:
     """The curve's report.md (the gain first) as a Markdown artifact."""
@@ -397,6 +450,11 @@ def report(req: PretrainRequest, report_url: str | None) -> str | None:
         return None
     with fsspec.open(report_url, "rt") as f:
         markdown = f.read()
+    section = training_section(req)
+    if section:
+        markdown = markdown.rstrip("\n") + "\n\n" + section
+        with fsspec.open(report_url, "wt") as f:
+            f.write(markdown)
     create_markdown_artifact(key=f"{req.modality}-report", markdown=markdown,
                              description=f"{report_url} (curve.png and the runs' plots beside it)")
     return report_url
@@ -404,7 +462,8 @@ def report(req: PretrainRequest, report_url: str | None) -> str | None:
 
 @flow(name="pretrain", description=__doc__.split("\n\n")[0])
 def pretrain(modality: Modality, source: str, output: str, preset: Preset = "tiny", variant: Variant = "data2vec",
-             max_steps: PositiveInt | None = None, nproc: PositiveInt = 1, splits: list[str] | None = None,
+             max_steps: PositiveInt | None = None, nproc: PositiveInt = 1, slurm: SlurmTraining | None = None,
+             splits: list[str] | None = None,
              shard_size: str = "256MB", mask_variants: PositiveInt = 4, seed: NonNegativeInt = 0,
              vocab_size: PositiveInt = 8000, build_workers: NonNegativeInt | None = None,
              dask_address: str | None = None, dask_cluster_class: str | None = None,

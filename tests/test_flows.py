@@ -56,8 +56,11 @@ def _assert_outputs(out: Path, step: int) -> None:
     assert [r["step"] for r in records] == list(range(1, step + 1))
     for name in ("pretrained", "random"):
         assert json.loads((out / "eval" / f"{name}-all-seed0.json").read_text())["task"] == "speech-ctc"
-    assert "speech-ctc" in (out / "report" / "report.md").read_text()
-    assert (out / "report" / "curve.png").exists()
+    report = (out / "report" / "report.md").read_text()
+    assert "speech-ctc" in report and (out / "report" / "curve.png").exists()
+    # the pre-training section: the run's plot beside the report, where the step time went
+    assert "## Pre-training" in report and "![" in report and (out / "report" / "training.png").exists()
+    assert "| fwd/bwd |" in report and "GFLOP/s" in report
 
 
 def _logged_messages(flow_run_id=None) -> list[str]:
