@@ -68,6 +68,9 @@ def run_flow(modality: str, out: str, *, workers: int = 2, variant: str = "data2
     source, extra = make_corpus(modality, os.path.join(out, "corpus", modality))
     print(f"generated a {modality} corpus at {source} (with one item of each known fault)", flush=True)
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # the temporary server's first start in a fresh venv compiles Prefect's server modules and
+    # migrates its database: well over Prefect's default 20 s on two cores
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     from flows.pretrain import pretrain
 
     return pretrain(modality=modality, source=source, output=output or os.path.join(out, modality), preset="tiny",
